@@ -1,0 +1,48 @@
+"""jaxmnist: the PyTorch "Training Neural Networks" MNIST lesson, done the JAX way.
+
+The public API is re-exported here and imported on first use, so ``import jaxmnist`` stays cheap and
+``python -m jaxmnist.train`` runs its module only once.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "MLP": "jaxmnist.model",
+    "TrainState": "jaxmnist.train",
+    "create_train_state": "jaxmnist.train",
+    "train_step": "jaxmnist.train",
+    "train_epoch": "jaxmnist.train",
+    "evaluate": "jaxmnist.train",
+    "load_mnist": "jaxmnist.data",
+    "normalize": "jaxmnist.data",
+    "cross_entropy_loss": "jaxmnist.losses",
+    "nll_loss": "jaxmnist.losses",
+    "mse_loss": "jaxmnist.losses",
+    "accuracy": "jaxmnist.losses",
+    "TrainConfig": "jaxmnist.fit",
+    "fit": "jaxmnist.fit",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from jaxmnist.data import load_mnist, normalize
+    from jaxmnist.fit import TrainConfig, fit
+    from jaxmnist.losses import accuracy, cross_entropy_loss, mse_loss, nll_loss
+    from jaxmnist.model import MLP
+    from jaxmnist.train import TrainState, create_train_state, evaluate, train_epoch, train_step
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'jaxmnist' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,0 +1,144 @@
+"""``python -m jaxmnist.train``: flags -> config -> fit -> printed epochs, as the lesson prints them.
+
+Bad input (flags, data files) is reported as one line on stderr with exit code 2; ``--debug`` shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from jaxmnist.data import DATA_DIR_ENV, DataError, default_data_dir, load_mnist
+
+EXIT_BAD_INPUT = 2
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are a single line (no usage dump), exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def positive_int(text: str) -> int:
+    value = int(text) if text.strip().lstrip("+-").isdigit() else None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}")
+    return int(text)
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def hidden_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(positive_int(part) for part in text.split(","))
+    except argparse.ArgumentTypeError:
+        sizes = ()
+    if not sizes:
+        raise argparse.ArgumentTypeError(f"must be comma-separated whole numbers >= 1, e.g. 128,64, got {text!r}")
+    return sizes
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="python -m jaxmnist.train",
+        description="Train the lesson's MLP (784-128-64-10, ReLU) on MNIST with SGD and print the per-epoch "
+        "training loss the way the PyTorch lesson does, then test loss and accuracy.",
+    )
+    parser.add_argument("--epochs", type=positive_int, default=5, help="passes over the 60,000 training images (default 5)")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="images per SGD step; the last batch of an epoch is smaller, as in PyTorch (default 64)")
+    parser.add_argument("--lr", type=positive_float, default=0.003, help="SGD learning rate (default 0.003)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the initial weights and the shuffling; same seed, same losses (default 0)")
+    parser.add_argument("--hidden", type=hidden_sizes, default=(128, 64), metavar="N,N", help="hidden layer sizes (default 128,64)")
+    parser.add_argument("--activation", choices=("relu", "sigmoid", "tanh"), default="relu", help="hidden activation (default relu)")
+    parser.add_argument("--init", choices=("torch", "flax"), default="torch", help="torch: PyTorch's nn.Linear init, uniform in ±1/sqrt(fan_in) (default); flax: lecun-normal weights, zero biases")
+    parser.add_argument("--loss", choices=("nll", "ce"), default="nll", help="nll: LogSoftmax + NLLLoss, as the lesson (default); ce: CrossEntropyLoss on the logits")
+    parser.add_argument("--loop", choices=("scan", "step"), default="scan", help="scan: one compiled call per epoch (default); step: one compiled call per batch, same numbers")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="float64 enables JAX's 64-bit mode, for exactness checks (default float32)")
+    parser.add_argument("--data-dir", type=Path, default=None, metavar="PATH", help=f"folder with the MNIST IDX files, flat or as torchvision's MNIST/raw (default: ${DATA_DIR_ENV}, else {default_data_dir()})")
+    parser.add_argument("--no-compile-cache", action="store_true", help="do not use JAX's persistent compilation cache (kept in the jaxmnist cache folder)")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks instead of one-line errors")
+    return parser
+
+
+def configure_jax(args: argparse.Namespace) -> None:
+    """Process-wide JAX settings: 64-bit mode and the persistent compilation cache."""
+    import jax
+
+    if args.dtype == "float64":
+        jax.config.update("jax_enable_x64", True)
+    if not args.no_compile_cache:
+        jax.config.update("jax_compilation_cache_dir", str(default_data_dir() / "xla-cache"))
+        # The epoch compiles in well under JAX's default 1 s threshold; cache it anyway.
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+def run(args: argparse.Namespace) -> int:
+    import jax
+
+    from jaxmnist.fit import TrainConfig, fit
+
+    configure_jax(args)
+    config = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        seed=args.seed,
+        hidden_sizes=args.hidden,
+        activation=args.activation,
+        weight_init=args.init,
+        loss=args.loss,
+        loop=args.loop,
+        dtype=args.dtype,
+    )
+    train_data = load_mnist("train", args.data_dir)
+    test_data = load_mnist("test", args.data_dir)
+    device = jax.devices()[0]
+    layers = "-".join(str(size) for size in (784, *config.hidden_sizes, 10))
+    print(
+        f"MLP {layers} ({config.activation}, {config.weight_init} init), {config.loss} loss, SGD lr {config.learning_rate}, "
+        f"batch {config.batch_size}, {config.epochs} epochs, {len(train_data[0])} training images, "
+        f"{config.dtype} on {device.platform} ({device.device_kind})",
+        flush=True,
+    )
+    for result in fit(config, train_data, test_data):
+        if result.epoch == 1:
+            print(f"compiled in {result.compile_seconds:.2f} s", flush=True)
+        print(f"Training loss: {result.train_loss}")
+        print(
+            f"  epoch {result.epoch}/{config.epochs}: test loss {result.test_loss:.4f}, "
+            f"test accuracy {result.test_accuracy:.4f}, {result.seconds:.2f} s "
+            f"({result.samples_per_second:,.0f} images/s)",
+            flush=True,
+        )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except DataError as error:
+        if args.debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT

@@ -1,0 +1,192 @@
+"""MNIST from IDX files: find them, read them, validate them, and the lesson's transform.
+
+Reading is plain numpy (no TensorFlow, no torchvision): the four IDX files of MNIST, gzip-compressed or
+raw, under either of the two common spellings, in a flat folder or in torchvision's ``MNIST/raw`` layout.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import zlib
+from pathlib import Path
+from typing import Literal
+
+import jax.numpy as jnp
+import numpy as np
+
+Split = Literal["train", "test"]
+
+DATA_DIR_ENV = "JAXMNIST_DATA_DIR"
+IMAGE_SIZE = 28
+NUM_CLASSES = 10
+
+# IDX magic numbers: two zero bytes, type code 0x08 (unsigned byte), number of dimensions.
+_LABELS_MAGIC = 0x00000801
+_IMAGES_MAGIC = 0x00000803
+_GZIP_MAGIC = b"\x1f\x8b"
+
+_FILE_STEMS = {
+    ("train", "images"): "train-images-idx3-ubyte",
+    ("train", "labels"): "train-labels-idx1-ubyte",
+    ("test", "images"): "t10k-images-idx3-ubyte",
+    ("test", "labels"): "t10k-labels-idx1-ubyte",
+}
+
+
+class DataError(ValueError):
+    """MNIST could not be found or a file is damaged; the message names the file and what is wrong."""
+
+
+def default_data_dir() -> Path:
+    """The per-user cache folder: ``$XDG_CACHE_HOME/jaxmnist``, else ``~/.cache/jaxmnist``."""
+    cache_home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache_home) / "jaxmnist"
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
+    """Where to look for MNIST: the argument, else ``$JAXMNIST_DATA_DIR``, else the cache folder."""
+    if data_dir is not None:
+        return Path(data_dir).expanduser()
+    from_env = os.environ.get(DATA_DIR_ENV)
+    if from_env:
+        return Path(from_env).expanduser()
+    return default_data_dir()
+
+
+def _file_names(stem: str) -> list[str]:
+    """Both spellings (``...-idx3-ubyte`` and ``....idx3-ubyte``), each gzipped or raw."""
+    dotted = stem.replace("-idx", ".idx")
+    return [name for base in (stem, dotted) for name in (base + ".gz", base)]
+
+
+def candidate_folders(data_dir: Path) -> list[Path]:
+    """The folder itself, then torchvision's ``<root>/MNIST/raw`` layout (or ``<root>/raw``)."""
+    return [data_dir, data_dir / "MNIST" / "raw", data_dir / "raw"]
+
+
+def find_idx_file(data_dir: Path, split: Split, kind: Literal["images", "labels"]) -> Path | None:
+    """The first existing file for ``split``/``kind`` under ``data_dir``, or ``None``."""
+    names = _file_names(_FILE_STEMS[(split, kind)])
+    for folder in candidate_folders(data_dir):
+        for name in names:
+            path = folder / name
+            if path.is_file():
+                return path
+    return None
+
+
+def missing_data_message(data_dir: Path, split: Split) -> str:
+    """Says where we looked and how to provide the files."""
+    looked = ", ".join(str(folder) for folder in candidate_folders(data_dir))
+    return (
+        f"MNIST {split} files not found; looked in {looked} for "
+        f"{_FILE_STEMS[(split, 'images')]}[.gz] and {_FILE_STEMS[(split, 'labels')]}[.gz]. "
+        f"Put the four MNIST IDX files in one folder and pass --data-dir FOLDER "
+        f"or set {DATA_DIR_ENV}=FOLDER."
+    )
+
+
+def read_idx_bytes(path: Path) -> bytes:
+    """The decompressed content of an IDX file; gzip is recognised by its magic bytes, not its name."""
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise DataError(f"{path}: cannot read file ({error.strerror or error})") from error
+    if not raw.startswith(_GZIP_MAGIC):
+        return raw
+    try:
+        return gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as error:
+        raise DataError(f"{path}: damaged gzip data ({error})") from error
+
+
+def _parse_idx(path: Path, content: bytes, magic: int, item_shape: tuple[int, ...]) -> np.ndarray:
+    """Checks the header, dimensions and length of one IDX file and returns its uint8 array."""
+    header_size = 4 * (1 + 1 + len(item_shape))
+    if len(content) < header_size:
+        raise DataError(f"{path}: file too short for an IDX header ({len(content)} bytes)")
+    header = np.frombuffer(content, dtype=">u4", count=header_size // 4)
+    if int(header[0]) != magic:
+        raise DataError(
+            f"{path}: wrong magic number 0x{int(header[0]):08x}, expected 0x{magic:08x} "
+            "(not an MNIST IDX file of this kind)"
+        )
+    count = int(header[1])
+    dims = tuple(int(d) for d in header[2:])
+    if dims != item_shape:
+        raise DataError(f"{path}: items of shape {dims}, expected {item_shape}")
+    expected = header_size + count * int(np.prod(item_shape, dtype=np.int64))
+    if len(content) != expected:
+        raise DataError(
+            f"{path}: header declares {count} items ({expected} bytes) but the file has {len(content)} bytes "
+            "(truncated or padded)"
+        )
+    return np.frombuffer(content, dtype=np.uint8, offset=header_size).reshape((count, *item_shape))
+
+
+def read_images(path: Path) -> np.ndarray:
+    """uint8 images ``(N, 28, 28)`` from an IDX3 file."""
+    return _parse_idx(path, read_idx_bytes(path), _IMAGES_MAGIC, (IMAGE_SIZE, IMAGE_SIZE))
+
+
+def read_labels(path: Path) -> np.ndarray:
+    """int32 labels ``(N,)`` in 0..9 from an IDX1 file."""
+    labels = _parse_idx(path, read_idx_bytes(path), _LABELS_MAGIC, ())
+    if labels.size and labels.max() >= NUM_CLASSES:
+        bad = int(np.argmax(labels >= NUM_CLASSES))
+        raise DataError(f"{path}: label {int(labels[bad])} at index {bad} is outside 0..9")
+    return labels.astype(np.int32)
+
+
+def load_mnist(split: Split, data_dir: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Loads one split of MNIST as uint8 images ``(N, 28, 28)`` and int32 labels ``(N,)``.
+
+    The folder is ``data_dir``, else ``$JAXMNIST_DATA_DIR``, else ``~/.cache/jaxmnist``; inside it the
+    files may sit flat or in torchvision's ``MNIST/raw`` layout. Raises ``DataError`` naming the file
+    for anything missing or damaged.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    folder = resolve_data_dir(data_dir)
+    images_path = find_idx_file(folder, split, "images")
+    labels_path = find_idx_file(folder, split, "labels")
+    if images_path is None or labels_path is None:
+        raise DataError(missing_data_message(folder, split))
+    images = read_images(images_path)
+    labels = read_labels(labels_path)
+    if len(images) != len(labels):
+        raise DataError(
+            f"{images_path} holds {len(images)} images but {labels_path} holds {len(labels)} labels"
+        )
+    return images, labels
+
+
+def normalize(images: jnp.ndarray, dtype: jnp.dtype = jnp.float32) -> jnp.ndarray:
+    """The lesson's transform, ``ToTensor()`` then ``Normalize(0.5, 0.5)``: uint8 pixels -> [-1, 1].
+
+    ``x = (p / 255 - 0.5) / 0.5``, computed in ``dtype`` (float64 for exactness checks).
+    """
+    scaled = jnp.asarray(images).astype(dtype) / 255
+    return (scaled - 0.5) / 0.5
+
+
+def write_idx(path: str | os.PathLike, array: np.ndarray) -> Path:
+    """Writes a uint8 array as an IDX file (gzip-compressed when the name ends in ``.gz``).
+
+    For small synthetic data sets in tests and demos; the inverse of the readers above.
+    """
+    path = Path(path)
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = np.array([0x0800 | array.ndim, *array.shape], dtype=">u4").tobytes()
+    content = header + array.tobytes()
+    path.write_bytes(gzip.compress(content, mtime=0) if path.name.endswith(".gz") else content)
+    return path
+
+
+def write_mnist(folder: str | os.PathLike, split: Split, images: np.ndarray, labels: np.ndarray) -> None:
+    """Writes one split as the two gzipped IDX files ``load_mnist`` reads."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_idx(folder / f"{_FILE_STEMS[(split, 'images')]}.gz", images)
+    write_idx(folder / f"{_FILE_STEMS[(split, 'labels')]}.gz", labels)

@@ -1,0 +1,71 @@
+"""The lesson's network: a multilayer perceptron 784 -> 128 -> 64 -> 10 with ReLU, returning logits."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Init = Literal["torch", "flax"]
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": nn.relu,
+    "sigmoid": nn.sigmoid,
+    "tanh": nn.tanh,
+}
+
+# PyTorch's nn.Linear draws its weight with kaiming_uniform(a=sqrt(5)): bound = sqrt(6 / ((1 + 5) fan_in)),
+# which is exactly variance_scaling(1/3, "fan_in", "uniform"): bound = sqrt(3 * (1/3) / fan_in).
+torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_bias_init(fan_in: int) -> nn.initializers.Initializer:
+    """PyTorch's nn.Linear bias: uniform in ``[-1/sqrt(fan_in), 1/sqrt(fan_in))``."""
+    bound = 1.0 / float(fan_in) ** 0.5
+
+    def init(key: jax.Array, shape: Sequence[int], dtype: jnp.dtype = jnp.float32) -> jax.Array:
+        return jax.random.uniform(key, shape, dtype, minval=-bound, maxval=bound)
+
+    return init
+
+
+class MLP(nn.Module):
+    """Fully connected network on flattened images; returns logits (apply ``log_softmax`` for NLL).
+
+    ``weight_init="torch"`` (default) draws weights and biases as PyTorch's ``nn.Linear`` does, uniform in
+    ``±1/sqrt(fan_in)``, so the lesson's loss curve is reproduced; ``weight_init="flax"`` uses flax's
+    lecun-normal kernels and zero biases.
+    """
+
+    hidden_sizes: Sequence[int] = (128, 64)
+    num_classes: int = 10
+    activation: Callable[[jax.Array], jax.Array] = nn.relu
+    weight_init: Init = "torch"
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        hidden = images.reshape((images.shape[0], -1))
+        sizes = (*self.hidden_sizes, self.num_classes)
+        for index, features in enumerate(sizes):
+            hidden = self._dense(features, fan_in=hidden.shape[-1], name=f"Dense_{index}")(hidden)
+            if index < len(sizes) - 1:
+                hidden = self.activation(hidden)
+        return hidden
+
+    def _dense(self, features: int, fan_in: int, name: str) -> nn.Dense:
+        if self.weight_init == "torch":
+            inits = {"kernel_init": torch_kernel_init, "bias_init": torch_bias_init(fan_in)}
+        elif self.weight_init == "flax":
+            inits = {}
+        else:
+            raise ValueError(f"weight_init must be 'torch' or 'flax', got {self.weight_init!r}")
+        return nn.Dense(features, param_dtype=self.param_dtype, name=name, **inits)
+
+
+def count_params(params) -> int:
+    """Number of scalars in a parameter tree (the lesson's MLP has 109,386)."""
+    return sum(leaf.size for leaf in jax.tree.leaves(params))

@@ -1,0 +1,42 @@
+"""Shared fixtures; every test runs with strict dtype promotion so silent float32/float64 mixes fail."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from jaxmnist.data import DATA_DIR_ENV, write_mnist
+
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+
+def make_digits(num_examples: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A small learnable stand-in for MNIST: each class lights up its own band of rows, plus noise."""
+    rng = np.random.default_rng(seed)
+    labels = (np.arange(num_examples) % 10).astype(np.uint8)
+    rng.shuffle(labels)
+    images = rng.integers(0, 60, size=(num_examples, 28, 28), dtype=np.uint8)
+    for index, label in enumerate(labels):
+        images[index, 2 * label + 4 : 2 * label + 7, 4:24] = 255
+    return images, labels
+
+
+@pytest.fixture
+def tiny_mnist_dir(tmp_path: Path) -> Path:
+    """A folder with all four IDX files: 300 training and 100 test images."""
+    write_mnist(tmp_path, "train", *make_digits(300, seed=1))
+    write_mnist(tmp_path, "test", *make_digits(100, seed=2))
+    return tmp_path
+
+
+@pytest.fixture
+def real_mnist_dir() -> Path:
+    """The real MNIST folder named by $JAXMNIST_DATA_DIR; the test is skipped without it."""
+    folder = os.environ.get(DATA_DIR_ENV)
+    if not folder or not Path(folder).is_dir():
+        pytest.skip(f"real MNIST not available: set {DATA_DIR_ENV} to the folder of the IDX files")
+    return Path(folder)

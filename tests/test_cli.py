@@ -1,0 +1,108 @@
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jaxmnist.cli import main
+
+# The lesson's loss band from 100 PyTorch seeds (min, max per epoch) and its lowest test accuracy.
+PYTORCH_BAND = [(1.7695, 2.0200), (0.7499, 0.9501), (0.4966, 0.5661), (0.4128, 0.4547), (0.3723, 0.4030)]
+PYTORCH_MEAN_TEST_ACCURACY = 0.8981
+
+
+def _training_losses(output: str) -> list[float]:
+    return [float(value) for value in re.findall(r"^Training loss: (\S+)$", output, flags=re.MULTILINE)]
+
+
+def _run_module(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "jaxmnist.train", *args],
+        capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})},
+    )
+
+
+def test_module_trains_end_to_end_on_a_small_idx_data_set(tiny_mnist_dir: Path, tmp_path: Path):
+    result = _run_module("--epochs", "3", "--batch-size", "32", "--lr", "0.05", "--data-dir", str(tiny_mnist_dir),
+                         env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert result.returncode == 0, result.stderr
+    losses = _training_losses(result.stdout)
+    assert len(losses) == 3 and losses[2] < losses[0]
+    assert "300 training images" in result.stdout
+    accuracies = [float(value) for value in re.findall(r"test accuracy (\S+),", result.stdout)]
+    assert len(accuracies) == 3 and accuracies[-1] > 0.5
+    assert "RuntimeWarning" not in result.stderr
+
+
+def test_step_loop_prints_the_same_losses_as_the_scan(tiny_mnist_dir: Path, capsys: pytest.CaptureFixture):
+    common = ["--epochs", "2", "--batch-size", "64", "--data-dir", str(tiny_mnist_dir), "--no-compile-cache"]
+    assert main([*common, "--loop", "scan"]) == 0
+    scanned = _training_losses(capsys.readouterr().out)
+    assert main([*common, "--loop", "step"]) == 0
+    stepped = _training_losses(capsys.readouterr().out)
+    assert len(scanned) == 2
+    assert stepped == pytest.approx(scanned, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--epochs", "0"], "--epochs"),
+        (["--epochs", "two"], "--epochs"),
+        (["--batch-size", "-64"], "--batch-size"),
+        (["--lr", "-0.1"], "--lr"),
+        (["--lr", "nan"], "--lr"),
+        (["--lr", "inf"], "--lr"),
+        (["--hidden", "128,,64"], "--hidden"),
+        (["--hidden", "0"], "--hidden"),
+        (["--init", "xavier"], "--init"),
+        (["--loss", "mse"], "--loss"),
+        (["--seed", "-1"], "--seed"),
+        (["--bogus"], "--bogus"),
+    ],
+)
+def test_bad_flag_values_are_refused_in_one_line_with_exit_code_2(flags, named, capsys: pytest.CaptureFixture):
+    with pytest.raises(SystemExit) as exit_info:
+        main(flags)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and named in error and "Traceback" not in error
+
+
+def test_missing_data_is_one_line_saying_where_it_looked(tmp_path: Path, capsys: pytest.CaptureFixture):
+    assert main(["--data-dir", str(tmp_path / "empty"), "--no-compile-cache"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and str(tmp_path / "empty") in error and "JAXMNIST_DATA_DIR" in error
+
+
+def test_damaged_test_file_is_reported_before_training(tiny_mnist_dir: Path, capsys: pytest.CaptureFixture):
+    damaged = tiny_mnist_dir / "t10k-labels-idx1-ubyte.gz"
+    damaged.write_bytes(damaged.read_bytes()[:20])
+    assert main(["--data-dir", str(tiny_mnist_dir), "--no-compile-cache"]) == 2
+    captured = capsys.readouterr()
+    assert "Training loss" not in captured.out
+    assert captured.err.count("\n") == 1 and str(damaged) in captured.err
+
+
+def test_help_explains_every_flag(capsys: pytest.CaptureFixture):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--epochs", "--batch-size", "--lr", "--seed", "--hidden", "--init", "--loss", "--data-dir", "--loop"):
+        assert flag in text
+
+
+def test_readme_quick_start_on_real_mnist_lands_in_the_pytorch_band(real_mnist_dir: Path):
+    result = _run_module(env={"JAXMNIST_DATA_DIR": str(real_mnist_dir)})
+    assert result.returncode == 0, result.stderr
+    losses = _training_losses(result.stdout)
+    assert len(losses) == 5
+    for epoch, (loss, (low, high)) in enumerate(zip(losses, PYTORCH_BAND), start=1):
+        assert low <= loss <= high, f"epoch {epoch}: {loss} outside PyTorch's band [{low}, {high}]"
+    final_accuracy = float(re.findall(r"test accuracy (\S+),", result.stdout)[-1])
+    assert final_accuracy >= PYTORCH_MEAN_TEST_ACCURACY

@@ -41,17 +41,20 @@ def create_train_state(
     learning_rate: float = 0.003,
     loss: str | LossFn = "nll",
     input_shape: tuple[int, ...] = (1, 28, 28),
+    params: Any = None,
 ) -> TrainState:
     """Initializes ``model`` (default: the lesson's MLP) and ``optimizer`` (default: ``optax.sgd(lr)``).
 
     ``loss`` is ``"nll"`` (LogSoftmax + NLLLoss, the lesson's), ``"ce"`` (CrossEntropyLoss on logits)
-    or any ``loss_fn(logits, labels, mask)``.
+    or any ``loss_fn(logits, labels, mask)``. Given ``params`` (e.g. weights copied from PyTorch), they
+    are used instead of a fresh initialization.
     """
     model = MLP() if model is None else model
     optimizer = optax.sgd(learning_rate) if optimizer is None else optimizer
     loss_fn = LOSSES[loss] if isinstance(loss, str) else loss
-    param_dtype = getattr(model, "param_dtype", jnp.float32)
-    params = model.init(rng, jnp.zeros(input_shape, param_dtype))["params"]
+    if params is None:
+        input_dtype = getattr(model, "param_dtype", jnp.float32)
+        params = model.init(rng, jnp.zeros(input_shape, input_dtype))["params"]
     state = TrainState.create(apply_fn=model.apply, params=params, tx=optimizer, loss_fn=loss_fn)
     # An explicit int32 step keeps the state's types fixed from the first step on (no retrace).
     return state.replace(step=jnp.zeros((), jnp.int32))

@@ -34,6 +34,7 @@ def test_module_trains_end_to_end_on_a_small_idx_data_set(tiny_mnist_dir: Path, 
     accuracies = [float(value) for value in re.findall(r"test accuracy (\S+),", result.stdout)]
     assert len(accuracies) == 3 and accuracies[-1] > 0.5
     assert "RuntimeWarning" not in result.stderr
+    assert any((tmp_path / "cache" / "jaxmnist" / "xla-cache").iterdir()), "the compiled epoch was not cached"
 
 
 def test_step_loop_prints_the_same_losses_as_the_scan(tiny_mnist_dir: Path, capsys: pytest.CaptureFixture):
@@ -104,3 +105,10 @@ def test_readme_quick_start_on_real_mnist_lands_in_the_pytorch_band(real_mnist_d
         assert low <= loss <= high, f"epoch {epoch}: {loss} outside PyTorch's band [{low}, {high}]"
     final_accuracy = float(re.findall(r"test accuracy (\S+),", result.stdout)[-1])
     assert final_accuracy >= PYTORCH_TEST_ACCURACY[0]
+
+
+def test_no_compile_cache_leaves_the_cache_folder_alone(tiny_mnist_dir: Path, tmp_path: Path):
+    result = _run_module("--epochs", "1", "--data-dir", str(tiny_mnist_dir), "--no-compile-cache",
+                         env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "cache" / "jaxmnist" / "xla-cache").exists()

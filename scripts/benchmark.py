@@ -1,0 +1,267 @@
+"""Side-by-side speed of jaxmnist and PyTorch on the lesson, in one run on one machine.
+
+Each contender runs in its own subprocess (so its peak RSS is its own), round-robin over ``--repeats``
+rounds (so machine noise hits all of them alike); each reports its steady-state seconds per epoch, and
+the table gives medians and the ratios to jaxmnist.
+
+    python scripts/benchmark.py                  # table on stdout, benchmark.json beside it
+    python scripts/benchmark.py --repeats 5 --json out.json
+
+Contenders: jaxmnist's compiled epoch (batch 64, plus a sweep over 256 and 1024); with torch installed,
+the tuned eager PyTorch loop (data preloaded as one tensor, randperm, slicing) and the lesson's own
+loop (a DataLoader with a per-image transform). torchvision is not needed: without it the lesson's
+``datasets.MNIST`` + ``ToTensor()`` + ``Normalize`` per image is emulated (PIL image per item, then the
+same tensor ops), and the table says so. The lesson's loop is timed on its first ``--lesson-steps``
+batches and scaled to a whole epoch of 938. Also measured: ``import jaxmnist``, the CLI's one-epoch wall
+time with a cold and a warm compilation cache, and the peak RSS of a 5-epoch CLI run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+EPOCH_STEPS = 938
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker_jaxmnist(args: argparse.Namespace) -> dict:
+    import jax
+
+    from jaxmnist.data import load_mnist
+    from jaxmnist.fit import epoch_key, run_keys
+    from jaxmnist.train import create_train_state, train_epoch
+
+    images, labels = (jax.device_put(array) for array in load_mnist("train", args.data_dir))
+    state = create_train_state(run_keys(0)[0])
+    data_key = run_keys(0)[1]
+    started = time.perf_counter()
+    compiled = train_epoch.lower(state, images, labels, epoch_key(data_key, 1), batch_size=args.batch_size).compile()
+    compile_seconds = time.perf_counter() - started
+    state, metrics = compiled(state, images, labels, epoch_key(data_key, 0))  # warm-up, not timed
+    jax.block_until_ready(metrics)
+    times = []
+    for epoch in range(1, args.epochs + 1):
+        started = time.perf_counter()
+        state, metrics = compiled(state, images, labels, epoch_key(data_key, epoch))
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - started)
+    device = jax.devices()[0]
+    return {"epoch_seconds": times, "compile_seconds": compile_seconds,
+            "platform": device.platform, "device_kind": device.device_kind}
+
+
+def _torch_data(args: argparse.Namespace):
+    import numpy as np
+    import torch
+
+    from jaxmnist.data import load_mnist
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    images, labels = load_mnist("train", args.data_dir)
+    return np.asarray(images), torch.from_numpy(labels.astype(np.int64))
+
+
+def _torch_step(model, optimizer, criterion, inputs, targets) -> float:
+    optimizer.zero_grad()
+    loss = criterion(model(inputs), targets)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def _torch_setup():
+    import torch
+
+    from jaxmnist.torch_compat import lesson_model
+
+    torch.manual_seed(0)
+    model = lesson_model()
+    return model, torch.optim.SGD(model.parameters(), lr=0.003), torch.nn.NLLLoss()
+
+
+def worker_torch_tuned(args: argparse.Namespace) -> dict:
+    import torch
+
+    from jaxmnist.torch_compat import normalize_torch
+
+    images, labels = _torch_data(args)
+    inputs = normalize_torch(images, torch.float32).reshape(len(images), -1)
+    model, optimizer, criterion = _torch_setup()
+    times = []
+    for _ in range(args.epochs + 1):  # the first epoch warms up and is not timed
+        started = time.perf_counter()
+        order = torch.randperm(len(inputs))
+        running_loss = 0.0
+        for start in range(0, len(inputs), 64):
+            batch = order[start : start + 64]
+            running_loss += _torch_step(model, optimizer, criterion, inputs[batch], labels[batch])
+        times.append(time.perf_counter() - started)
+    return {"epoch_seconds": times[1:], "threads": torch.get_num_threads()}
+
+
+def worker_torch_lesson(args: argparse.Namespace) -> dict:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    images, labels = _torch_data(args)
+    try:
+        from torchvision import transforms
+
+        to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
+        emulated = False
+    except ImportError:  # the same work per image: uint8 HxW -> float CxHxW / 255, then (x - 0.5) / 0.5
+
+        def to_tensor(image):
+            tensor = torch.from_numpy(np.array(image, np.uint8, copy=True)).unsqueeze(0).float().div(255)
+            return (tensor - 0.5) / 0.5
+
+        emulated = True
+
+    class LessonMNIST(torch.utils.data.Dataset):
+        """torchvision.datasets.MNIST's __getitem__: a PIL image per item, then the transform."""
+
+        def __len__(self):
+            return len(images)
+
+        def __getitem__(self, index):
+            return to_tensor(Image.fromarray(images[index], mode="L")), labels[index]
+
+    loader = torch.utils.data.DataLoader(LessonMNIST(), batch_size=64, shuffle=True)
+    model, optimizer, criterion = _torch_setup()
+    times = []
+    for _ in range(args.epochs):
+        started = time.perf_counter()
+        for step, (inputs, targets) in enumerate(loader, start=1):
+            _torch_step(model, optimizer, criterion, inputs.view(inputs.shape[0], -1), targets)
+            if step == args.lesson_steps:
+                break
+        times.append((time.perf_counter() - started) * EPOCH_STEPS / step)
+    return {"epoch_seconds": times, "emulated_torchvision": emulated, "steps_timed": step}
+
+
+WORKERS = {"jaxmnist": worker_jaxmnist, "torch_tuned": worker_torch_tuned, "torch_lesson": worker_torch_lesson}
+
+
+def run_worker(name: str, args: argparse.Namespace, **overrides) -> dict:
+    options = {"epochs": args.epochs, "batch_size": 64, "lesson_steps": args.lesson_steps, **overrides}
+    command = [sys.executable, __file__, "--worker", name] + [
+        f"--{key.replace('_', '-')}={value}" for key, value in options.items()
+    ]
+    if args.data_dir:
+        command.append(f"--data-dir={args.data_dir}")
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def timed_command(command: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MiB) of a child process."""
+    started = time.perf_counter()
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(command)} failed: {process.stderr.read().decode()}")
+    return seconds, usage.ru_maxrss / 1024
+
+
+def startup_checks(args: argparse.Namespace) -> dict:
+    env = dict(os.environ)
+    if args.data_dir:
+        env["JAXMNIST_DATA_DIR"] = str(args.data_dir)
+    imports = [timed_command([sys.executable, "-c", "import jaxmnist, jaxmnist.train"], env)[0] for _ in range(args.repeats)]
+    with tempfile.TemporaryDirectory() as cache:
+        env["XDG_CACHE_HOME"] = cache
+        one_epoch = [sys.executable, "-m", "jaxmnist.train", "--epochs", "1"]
+        cold = timed_command(one_epoch, env)[0]
+        warm = [timed_command(one_epoch, env)[0] for _ in range(args.repeats)]
+        five_epochs_seconds, five_epochs_rss = timed_command(one_epoch[:-1] + ["5"], env)
+    return {"import_seconds": statistics.median(imports), "cli_one_epoch_cold_seconds": cold,
+            "cli_one_epoch_warm_seconds": statistics.median(warm),
+            "cli_five_epochs_seconds": five_epochs_seconds, "cli_five_epochs_peak_rss_mib": five_epochs_rss}
+
+
+def has_torch() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=3, help="round-robin rounds (default 3)")
+    parser.add_argument("--epochs", type=int, default=3, help="timed epochs per contender per round (default 3)")
+    parser.add_argument("--lesson-steps", type=int, default=300, help="batches of the lesson's loop timed per epoch")
+    parser.add_argument("--data-dir", type=Path, default=None, help="MNIST folder (default: $JAXMNIST_DATA_DIR)")
+    parser.add_argument("--json", type=Path, default=Path("benchmark.json"))
+    parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    parser.add_argument("--batch-size", type=int, default=64, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        result = WORKERS[args.worker](args)
+        print(json.dumps({**result, "peak_rss_mib": peak_rss_mib()}))
+        return 0
+
+    contenders = {f"jaxmnist batch {size}": ("jaxmnist", {"batch_size": size}) for size in (64, 256, 1024)}
+    if has_torch():
+        contenders["PyTorch tuned eager"] = ("torch_tuned", {})
+        contenders["PyTorch lesson loop"] = ("torch_lesson", {})
+    else:
+        print("torch is not installed: only jaxmnist is measured", file=sys.stderr)
+    runs: dict[str, list[dict]] = {label: [] for label in contenders}
+    for round_index in range(args.repeats):
+        for label, (worker, overrides) in contenders.items():
+            runs[label].append(run_worker(worker, args, **overrides))
+            print(f"round {round_index + 1}/{args.repeats}: {label} done", file=sys.stderr, flush=True)
+    startup = startup_checks(args)
+
+    reference = statistics.median(t for run in runs["jaxmnist batch 64"] for t in run["epoch_seconds"])
+    first = runs["jaxmnist batch 64"][0]
+    rows = []
+    for label, results in runs.items():
+        seconds = statistics.median(t for run in results for t in run["epoch_seconds"])
+        rows.append({
+            "contender": label,
+            "epoch_seconds": seconds,
+            "samples_per_second": 60000 / seconds,
+            "times_jaxmnist": seconds / reference,
+            "compile_seconds": statistics.median(run["compile_seconds"] for run in results) if "compile_seconds" in results[0] else None,
+            "peak_rss_mib": max(run["peak_rss_mib"] for run in results),
+            "note": "torchvision emulated" if results[0].get("emulated_torchvision") else "",
+        })
+    report = {"platform": first["platform"], "device_kind": first["device_kind"], "machine": platform.machine(),
+              "cpu_count": os.cpu_count(), "repeats": args.repeats, "epochs_per_run": args.epochs,
+              "rows": rows, "startup": startup, "runs": runs}
+
+    print(f"\njaxmnist benchmark on {first['platform']} ({first['device_kind']}), {os.cpu_count()} CPU cores, "
+          f"median of {args.repeats} rounds x {args.epochs} epochs")
+    print(f"{'contender':<22} {'s/epoch':>8} {'images/s':>10} {'x jaxmnist':>10} {'compile s':>9} {'peak RSS MiB':>12}")
+    for row in rows:
+        compile_text = f"{row['compile_seconds']:.2f}" if row["compile_seconds"] is not None else "-"
+        print(f"{row['contender']:<22} {row['epoch_seconds']:>8.3f} {row['samples_per_second']:>10,.0f} "
+              f"{row['times_jaxmnist']:>10.1f} {compile_text:>9} {row['peak_rss_mib']:>12.0f}  {row['note']}")
+    print(f"\nimport jaxmnist: {startup['import_seconds']:.2f} s; python -m jaxmnist.train --epochs 1: "
+          f"{startup['cli_one_epoch_cold_seconds']:.2f} s cold cache, {startup['cli_one_epoch_warm_seconds']:.2f} s warm; "
+          f"5 epochs: {startup['cli_five_epochs_seconds']:.2f} s, peak RSS {startup['cli_five_epochs_peak_rss_mib']:.0f} MiB")
+    args.json.write_text(json.dumps(report, indent=1))
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
-from jaxmnist.cli import EXIT_BAD_INPUT, OneLineParser, positive_float, positive_int
-from jaxmnist.data import DataError, load_mnist
+from jaxmnist.cli import EXIT_BAD_INPUT, OneLineParser, add_data_arguments, load_splits, positive_float, positive_int
+from jaxmnist.data import DataError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=positive_int, default=64, help="images in the batch (default 64)")
     parser.add_argument("--lr", type=positive_float, default=0.01, help="alpha of the one SGD update shown (default 0.01)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    parser.add_argument("--data-dir", type=Path, default=None, metavar="PATH", help="MNIST folder (default: $JAXMNIST_DATA_DIR, else the cache folder)")
+    add_data_arguments(parser)
     return parser
 
 
@@ -38,7 +37,7 @@ def walk_through(args: argparse.Namespace) -> None:
     if args.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
     dtype = jnp.dtype(args.dtype)
-    images, labels = load_mnist("train", args.data_dir)
+    ((images, labels),) = load_splits(args, ["train"])
     inputs = normalize(images[: args.batch_size], dtype).reshape(-1, 784)
     labels = jnp.asarray(labels[: args.batch_size])
     params = backprop.init_params(jax.random.key(0), (784, args.hidden, 10), dtype)

@@ -58,6 +58,14 @@ def hidden_sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that say where MNIST comes from (shared by every jaxmnist command)."""
+    parser.add_argument("--data-dir", type=Path, default=None, metavar="PATH", help=f"folder with the MNIST IDX files, flat or as torchvision's MNIST/raw (default: ${DATA_DIR_ENV}, else {default_data_dir()}); with --source tfds, TFDS's data folder")
+    parser.add_argument("--source", choices=("idx", "tfds"), default="idx", help="idx: the four MNIST IDX files (default); tfds: TensorFlow Datasets' prepared mnist (pip install 'jaxmnist[tfds]')")
+    parser.add_argument("--no-download", action="store_true", help="fail instead of downloading missing MNIST files")
+    parser.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of the IDX files (for modified or synthetic data)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="python -m jaxmnist.train",
@@ -74,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--loss", choices=("nll", "ce"), default="nll", help="nll: LogSoftmax + NLLLoss, as the lesson (default); ce: CrossEntropyLoss on the logits")
     parser.add_argument("--loop", choices=("scan", "step"), default="scan", help="scan: one compiled call per epoch (default); step: one compiled call per batch, same numbers")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="float64 enables JAX's 64-bit mode, for exactness checks (default float32)")
-    parser.add_argument("--data-dir", type=Path, default=None, metavar="PATH", help=f"folder with the MNIST IDX files, flat or as torchvision's MNIST/raw (default: ${DATA_DIR_ENV}, else {default_data_dir()})")
+    add_data_arguments(parser)
     parser.add_argument("--no-compile-cache", action="store_true", help="do not use JAX's persistent compilation cache (kept in the jaxmnist cache folder)")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks instead of one-line errors")
     return parser
@@ -90,6 +98,12 @@ def configure_jax(args: argparse.Namespace) -> None:
         jax.config.update("jax_compilation_cache_dir", str(default_data_dir() / "xla-cache"))
         # The epoch compiles in well under JAX's default 1 s threshold; cache it anyway.
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+def load_splits(args: argparse.Namespace, splits: Sequence[str] = ("train", "test")) -> list[tuple]:
+    """The splits asked for, each read and checked before any training starts."""
+    options = {"source": args.source, "download": not args.no_download, "verify": not args.no_verify}
+    return [load_mnist(split, args.data_dir, **options) for split in splits]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -110,8 +124,7 @@ def run(args: argparse.Namespace) -> int:
         loop=args.loop,
         dtype=args.dtype,
     )
-    train_data = load_mnist("train", args.data_dir)
-    test_data = load_mnist("test", args.data_dir)
+    train_data, test_data = load_splits(args)
     device = jax.devices()[0]
     layers = "-".join(str(size) for size in (784, *config.hidden_sizes, 10))
     print(

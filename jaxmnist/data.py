@@ -7,6 +7,8 @@ raw, under either of the two common spellings, in a flat folder or in torchvisio
 from __future__ import annotations
 
 import gzip
+import hashlib
+import json
 import os
 import zlib
 from pathlib import Path
@@ -32,6 +34,16 @@ _FILE_STEMS = {
     ("test", "images"): "t10k-images-idx3-ubyte",
     ("test", "labels"): "t10k-labels-idx1-ubyte",
 }
+
+
+# SHA-256 of the canonical files' decompressed bytes (re-compressed copies have other .gz bytes but these).
+CANONICAL_SHA256 = {
+    ("train", "images"): "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    ("train", "labels"): "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    ("test", "images"): "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    ("test", "labels"): "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
+_VERIFIED_RECORD = "verified.json"
 
 
 class DataError(ValueError):
@@ -125,36 +137,110 @@ def _parse_idx(path: Path, content: bytes, magic: int, item_shape: tuple[int, ..
     return np.frombuffer(content, dtype=np.uint8, offset=header_size).reshape((count, *item_shape))
 
 
-def read_images(path: Path) -> np.ndarray:
-    """uint8 images ``(N, 28, 28)`` from an IDX3 file."""
-    return _parse_idx(path, read_idx_bytes(path), _IMAGES_MAGIC, (IMAGE_SIZE, IMAGE_SIZE))
+def _read_idx(path: Path, magic: int, item_shape: tuple[int, ...], expected_sha256: str | None) -> np.ndarray:
+    content = read_idx_bytes(path)
+    array = _parse_idx(path, content, magic, item_shape)
+    if magic == _LABELS_MAGIC and array.size and array.max() >= NUM_CLASSES:
+        bad = int(np.argmax(array >= NUM_CLASSES))
+        raise DataError(f"{path}: label {int(array[bad])} at index {bad} is outside 0..9")
+    if expected_sha256 is not None:
+        verify_content(path, content, expected_sha256)
+    return array
 
 
-def read_labels(path: Path) -> np.ndarray:
-    """int32 labels ``(N,)`` in 0..9 from an IDX1 file."""
-    labels = _parse_idx(path, read_idx_bytes(path), _LABELS_MAGIC, ())
-    if labels.size and labels.max() >= NUM_CLASSES:
-        bad = int(np.argmax(labels >= NUM_CLASSES))
-        raise DataError(f"{path}: label {int(labels[bad])} at index {bad} is outside 0..9")
-    return labels.astype(np.int32)
+def read_images(path: Path, expected_sha256: str | None = None) -> np.ndarray:
+    """uint8 images ``(N, 28, 28)`` from an IDX3 file, checked against ``expected_sha256`` if given."""
+    return _read_idx(path, _IMAGES_MAGIC, (IMAGE_SIZE, IMAGE_SIZE), expected_sha256)
 
 
-def load_mnist(split: Split, data_dir: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
+def read_labels(path: Path, expected_sha256: str | None = None) -> np.ndarray:
+    """int32 labels ``(N,)`` in 0..9 from an IDX1 file, checked against ``expected_sha256`` if given."""
+    return _read_idx(path, _LABELS_MAGIC, (), expected_sha256).astype(np.int32)
+
+
+def _verified_record_path() -> Path:
+    return default_data_dir() / _VERIFIED_RECORD
+
+
+def _file_stamp(path: Path) -> list:
+    status = path.stat()
+    return [status.st_size, status.st_mtime_ns]
+
+
+def _load_verified_record() -> dict:
+    try:
+        return json.loads(_verified_record_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def verify_content(path: Path, content: bytes, expected_sha256: str) -> None:
+    """Checks the decompressed ``content`` of ``path`` against the canonical SHA-256.
+
+    A file already verified with the same size and mtime is trusted without hashing again; the record
+    lives in the cache folder and is best effort (a read-only cache only costs the hash each time).
+    """
+    key = str(path.resolve())
+    record = _load_verified_record()
+    if record.get(key) == [*_file_stamp(path), expected_sha256]:
+        return
+    actual = hashlib.sha256(content).hexdigest()
+    if actual != expected_sha256:
+        raise DataError(
+            f"{path}: content SHA-256 {actual} is not MNIST's {expected_sha256} "
+            "(modified or another data set; --no-verify / verify=False to use it anyway)"
+        )
+    record[key] = [*_file_stamp(path), expected_sha256]
+    try:
+        _verified_record_path().parent.mkdir(parents=True, exist_ok=True)
+        _verified_record_path().write_text(json.dumps(record))
+    except OSError:
+        pass
+
+
+def _download_missing(folder: Path, split: Split) -> None:
+    from jaxmnist.download import DownloadError, download_mnist
+
+    names = [_FILE_STEMS[(split, kind)] + ".gz" for kind in ("images", "labels") if find_idx_file(folder, split, kind) is None]
+    try:
+        download_mnist(folder, names)
+    except DownloadError as error:
+        raise DataError(f"{missing_data_message(folder, split)} Downloading them failed: {error}") from error
+
+
+def load_mnist(
+    split: Split,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    source: Literal["idx", "tfds"] = "idx",
+    download: bool = True,
+    verify: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
     """Loads one split of MNIST as uint8 images ``(N, 28, 28)`` and int32 labels ``(N,)``.
 
-    The folder is ``data_dir``, else ``$JAXMNIST_DATA_DIR``, else ``~/.cache/jaxmnist``; inside it the
-    files may sit flat or in torchvision's ``MNIST/raw`` layout. Raises ``DataError`` naming the file
-    for anything missing or damaged.
+    ``source="idx"``: the folder is ``data_dir``, else ``$JAXMNIST_DATA_DIR``, else ``~/.cache/jaxmnist``;
+    inside it the files may sit flat or in torchvision's ``MNIST/raw`` layout. Missing files are
+    downloaded into that folder unless ``download=False``; every file is checked against MNIST's
+    SHA-256 unless ``verify=False``. ``source="tfds"`` reads TensorFlow Datasets' prepared MNIST
+    (``jaxmnist.tfds_source``). Raises ``DataError`` naming the file for anything missing or damaged.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if source == "tfds":
+        from jaxmnist.tfds_source import load_tfds
+
+        return load_tfds(split, data_dir, download=download)
+    if source != "idx":
+        raise ValueError(f"source must be 'idx' or 'tfds', got {source!r}")
     folder = resolve_data_dir(data_dir)
+    if download and None in (find_idx_file(folder, split, "images"), find_idx_file(folder, split, "labels")):
+        _download_missing(folder, split)
     images_path = find_idx_file(folder, split, "images")
     labels_path = find_idx_file(folder, split, "labels")
     if images_path is None or labels_path is None:
         raise DataError(missing_data_message(folder, split))
-    images = read_images(images_path)
-    labels = read_labels(labels_path)
+    images = read_images(images_path, CANONICAL_SHA256[(split, "images")] if verify else None)
+    labels = read_labels(labels_path, CANONICAL_SHA256[(split, "labels")] if verify else None)
     if len(images) != len(labels):
         raise DataError(
             f"{images_path} holds {len(images)} images but {labels_path} holds {len(labels)} labels"

@@ -25,9 +25,16 @@ def make_digits(num_examples: int, seed: int = 0) -> tuple[np.ndarray, np.ndarra
     return images, labels
 
 
+@pytest.fixture(autouse=True)
+def isolated_cache_and_no_internet(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test writes to the user's cache or reaches the internet: downloads go to a closed local port."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg-cache"))
+    monkeypatch.setenv("JAXMNIST_MIRROR", "http://127.0.0.1:9/")
+
+
 @pytest.fixture
 def tiny_mnist_dir(tmp_path: Path) -> Path:
-    """A folder with all four IDX files: 300 training and 100 test images."""
+    """A folder with all four IDX files: 300 training and 100 test images (load with verify=False)."""
     write_mnist(tmp_path, "train", *make_digits(300, seed=1))
     write_mnist(tmp_path, "test", *make_digits(100, seed=2))
     return tmp_path

@@ -113,7 +113,7 @@ def test_unknown_loss_is_refused():
 
 
 def test_walk_through_prints_agreeing_methods(tiny_mnist_dir, capsys: pytest.CaptureFixture):
-    assert main(["--data-dir", str(tiny_mnist_dir), "--hidden", "16", "--batch-size", "8"]) == 0
+    assert main(["--data-dir", str(tiny_mnist_dir), "--no-verify", "--hidden", "16", "--batch-size", "8"]) == 0
     output = capsys.readouterr().out
     assert "dl/dW1" in output and "(784, 16)" in output
     differences = [float(value) for value in re.findall(r"vs jax\.grad (?:of the flax model, largest difference )?([0-9.e+-]+[0-9])", output)]
@@ -121,5 +121,5 @@ def test_walk_through_prints_agreeing_methods(tiny_mnist_dir, capsys: pytest.Cap
 
 
 def test_walk_through_without_data_is_one_line_exit_2(tmp_path, capsys: pytest.CaptureFixture):
-    assert main(["--data-dir", str(tmp_path)]) == 2
+    assert main(["--data-dir", str(tmp_path), "--no-download"]) == 2
     assert capsys.readouterr().err.count("\n") == 1

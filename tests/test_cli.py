@@ -25,7 +25,7 @@ def _run_module(*args: str, env: dict[str, str] | None = None) -> subprocess.Com
 
 
 def test_module_trains_end_to_end_on_a_small_idx_data_set(tiny_mnist_dir: Path, tmp_path: Path):
-    result = _run_module("--epochs", "3", "--batch-size", "32", "--lr", "0.05", "--data-dir", str(tiny_mnist_dir),
+    result = _run_module("--epochs", "3", "--batch-size", "32", "--lr", "0.05", "--data-dir", str(tiny_mnist_dir), "--no-verify",
                          env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
     assert result.returncode == 0, result.stderr
     losses = _training_losses(result.stdout)
@@ -38,7 +38,7 @@ def test_module_trains_end_to_end_on_a_small_idx_data_set(tiny_mnist_dir: Path, 
 
 
 def test_step_loop_prints_the_same_losses_as_the_scan(tiny_mnist_dir: Path, capsys: pytest.CaptureFixture):
-    common = ["--epochs", "2", "--batch-size", "64", "--data-dir", str(tiny_mnist_dir), "--no-compile-cache"]
+    common = ["--epochs", "2", "--batch-size", "64", "--data-dir", str(tiny_mnist_dir), "--no-verify", "--no-compile-cache"]
     assert main([*common, "--loop", "scan"]) == 0
     scanned = _training_losses(capsys.readouterr().out)
     assert main([*common, "--loop", "step"]) == 0
@@ -73,7 +73,7 @@ def test_bad_flag_values_are_refused_in_one_line_with_exit_code_2(flags, named, 
 
 
 def test_missing_data_is_one_line_saying_where_it_looked(tmp_path: Path, capsys: pytest.CaptureFixture):
-    assert main(["--data-dir", str(tmp_path / "empty"), "--no-compile-cache"]) == 2
+    assert main(["--data-dir", str(tmp_path / "empty"), "--no-download", "--no-compile-cache"]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and str(tmp_path / "empty") in error and "JAXMNIST_DATA_DIR" in error
 
@@ -81,7 +81,7 @@ def test_missing_data_is_one_line_saying_where_it_looked(tmp_path: Path, capsys:
 def test_damaged_test_file_is_reported_before_training(tiny_mnist_dir: Path, capsys: pytest.CaptureFixture):
     damaged = tiny_mnist_dir / "t10k-labels-idx1-ubyte.gz"
     damaged.write_bytes(damaged.read_bytes()[:20])
-    assert main(["--data-dir", str(tiny_mnist_dir), "--no-compile-cache"]) == 2
+    assert main(["--data-dir", str(tiny_mnist_dir), "--no-verify", "--no-compile-cache"]) == 2
     captured = capsys.readouterr()
     assert "Training loss" not in captured.out
     assert captured.err.count("\n") == 1 and str(damaged) in captured.err
@@ -108,7 +108,7 @@ def test_readme_quick_start_on_real_mnist_lands_in_the_pytorch_band(real_mnist_d
 
 
 def test_no_compile_cache_leaves_the_cache_folder_alone(tiny_mnist_dir: Path, tmp_path: Path):
-    result = _run_module("--epochs", "1", "--data-dir", str(tiny_mnist_dir), "--no-compile-cache",
+    result = _run_module("--epochs", "1", "--data-dir", str(tiny_mnist_dir), "--no-verify", "--no-compile-cache",
                          env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
     assert result.returncode == 0, result.stderr
     assert not (tmp_path / "cache" / "jaxmnist" / "xla-cache").exists()

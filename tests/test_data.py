@@ -24,7 +24,7 @@ def test_reads_hand_written_raw_and_gzip_files(tmp_path: Path):
     pixels = bytes(i % 256 for i in range(2 * 28 * 28))
     (tmp_path / "t10k-images-idx3-ubyte").write_bytes(_idx_bytes(0x803, (2, 28, 28), pixels))
     (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(_idx_bytes(0x801, (2,), bytes([7, 3]))))
-    images, labels = load_mnist("test", tmp_path)
+    images, labels = load_mnist("test", tmp_path, download=False, verify=False)
     chex.assert_shape(images, (2, 28, 28))
     assert images.dtype == np.uint8 and labels.dtype == np.int32
     np.testing.assert_array_equal(images.reshape(-1), np.frombuffer(pixels, np.uint8))
@@ -42,7 +42,7 @@ def test_finds_files_in_every_spelling_and_layout(tmp_path: Path, dotted: bool, 
     for stem, array in (("train-images-idx3-ubyte", images), ("train-labels-idx1-ubyte", labels)):
         name = stem.replace("-idx", ".idx") if dotted else stem
         write_idx(folder / (name + (".gz" if gz else "")), array)
-    loaded_images, loaded_labels = load_mnist("train", tmp_path)
+    loaded_images, loaded_labels = load_mnist("train", tmp_path, download=False, verify=False)
     np.testing.assert_array_equal(loaded_images, images)
     np.testing.assert_array_equal(loaded_labels, labels)
 
@@ -64,7 +64,7 @@ def test_default_cache_is_home_cache_without_xdg(monkeypatch: pytest.MonkeyPatch
 
 def test_missing_data_says_where_it_looked_and_what_to_do(tmp_path: Path):
     with pytest.raises(DataError) as error:
-        load_mnist("train", tmp_path)
+        load_mnist("train", tmp_path, download=False, verify=False)
     message = str(error.value)
     assert str(tmp_path) in message and str(tmp_path / "MNIST" / "raw") in message
     assert "--data-dir" in message and data.DATA_DIR_ENV in message
@@ -96,7 +96,7 @@ def test_each_corrupt_file_gives_an_error_naming_file_and_fault(tmp_path: Path, 
     name, content, fault = CORRUPTIONS[case]
     path = _corrupt(tmp_path, name, content)
     with pytest.raises(DataError) as error:
-        load_mnist("train", tmp_path)
+        load_mnist("train", tmp_path, download=False, verify=False)
     assert fault in str(error.value)
     assert str(path) in str(error.value) or path.name.split("-idx")[0] in str(error.value)
 
@@ -109,7 +109,7 @@ def test_unreadable_file_is_a_data_error(tmp_path: Path, monkeypatch: pytest.Mon
 
     monkeypatch.setattr(Path, "read_bytes", refuse)
     with pytest.raises(DataError, match="cannot read file.*Permission denied"):
-        load_mnist("train", tmp_path)
+        load_mnist("train", tmp_path, download=False, verify=False)
 
 
 def test_unknown_split_is_refused(tmp_path: Path):
@@ -146,6 +146,6 @@ def test_torchvision_layout_of_the_real_files(real_mnist_dir: Path, tmp_path: Pa
     raw.mkdir(parents=True)
     for path in real_mnist_dir.glob("t10k-*"):
         shutil.copy(path, raw / path.name)
-    images, labels = load_mnist("test", tmp_path)
+    images, labels = load_mnist("test", tmp_path, download=False)
     chex.assert_shape(images, (10000, 28, 28))
     assert labels.shape == (10000,)

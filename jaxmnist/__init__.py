@@ -24,6 +24,7 @@ _EXPORTS = {
     "accuracy": "jaxmnist.losses",
     "TrainConfig": "jaxmnist.fit",
     "fit": "jaxmnist.fit",
+    "train_steps": "jaxmnist.train",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
     from jaxmnist.fit import TrainConfig, fit
     from jaxmnist.losses import accuracy, cross_entropy_loss, mse_loss, nll_loss
     from jaxmnist.model import MLP
-    from jaxmnist.train import TrainState, create_train_state, evaluate, train_epoch, train_step
+    from jaxmnist.train import TrainState, create_train_state, evaluate, train_epoch, train_step, train_steps
 
 
 def __getattr__(name: str) -> Any:

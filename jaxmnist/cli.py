@@ -15,7 +15,9 @@ from typing import NoReturn
 
 from jaxmnist.data import DATA_DIR_ENV, DataError, default_data_dir, load_mnist
 
+EXIT_TRAINING_DIVERGED = 1
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -83,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--loop", choices=("scan", "step"), default="scan", help="scan: one compiled call per epoch (default); step: one compiled call per batch, same numbers")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="float64 enables JAX's 64-bit mode, for exactness checks (default float32)")
     add_data_arguments(parser)
+    parser.add_argument("--checkpoint-dir", type=Path, default=None, metavar="DIR", help="save a checkpoint after every epoch (and every --checkpoint-every steps) into DIR; written atomically")
+    parser.add_argument("--checkpoint-every", type=positive_int, default=None, metavar="N", help="also checkpoint every N steps inside an epoch (each epoch then runs in calls of N steps)")
+    parser.add_argument("--keep", type=positive_int, default=3, metavar="K", help="keep the K newest checkpoints (default 3)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --checkpoint-dir, exactly where it stopped")
+    parser.add_argument("--max-loss", type=positive_float, default=1000.0, metavar="X", help="stop as diverged when a batch loss is NaN, infinite or above X (default 1000)")
     parser.add_argument("--no-compile-cache", action="store_true", help="do not use JAX's persistent compilation cache (kept in the jaxmnist cache folder)")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks instead of one-line errors")
     return parser
@@ -106,52 +113,22 @@ def load_splits(args: argparse.Namespace, splits: Sequence[str] = ("train", "tes
     return [load_mnist(split, args.data_dir, **options) for split in splits]
 
 
-def run(args: argparse.Namespace) -> int:
-    import jax
-
-    from jaxmnist.fit import TrainConfig, fit
-
-    configure_jax(args)
-    config = TrainConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.lr,
-        seed=args.seed,
-        hidden_sizes=args.hidden,
-        activation=args.activation,
-        weight_init=args.init,
-        loss=args.loss,
-        loop=args.loop,
-        dtype=args.dtype,
-    )
-    train_data, test_data = load_splits(args)
-    device = jax.devices()[0]
-    layers = "-".join(str(size) for size in (784, *config.hidden_sizes, 10))
-    print(
-        f"MLP {layers} ({config.activation}, {config.weight_init} init), {config.loss} loss, SGD lr {config.learning_rate}, "
-        f"batch {config.batch_size}, {config.epochs} epochs, {len(train_data[0])} training images, "
-        f"{config.dtype} on {device.platform} ({device.device_kind})",
-        flush=True,
-    )
-    for result in fit(config, train_data, test_data):
-        if result.epoch == 1:
-            print(f"compiled in {result.compile_seconds:.2f} s", flush=True)
-        print(f"Training loss: {result.train_loss}")
-        print(
-            f"  epoch {result.epoch}/{config.epochs}: test loss {result.test_loss:.4f}, "
-            f"test accuracy {result.test_accuracy:.4f}, {result.seconds:.2f} s "
-            f"({result.samples_per_second:,.0f} images/s)",
-            flush=True,
-        )
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    if args.resume and args.checkpoint_dir is None:
+        build_parser().error("argument --resume: needs --checkpoint-dir DIR, the folder to resume from")
+    from jaxmnist.checkpoint import CheckpointError
+    from jaxmnist.fit import DivergenceError
+    from jaxmnist.run import OutputError, run
+
     try:
-        return run(args)
-    except DataError as error:
+        return run(args, argv)
+    except (DataError, CheckpointError, OutputError, DivergenceError) as error:
         if args.debug:
             raise
         print(f"error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return EXIT_TRAINING_DIVERGED if isinstance(error, DivergenceError) else EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -135,6 +135,18 @@ def gather_batch(
     return {"image": normalize(images[indices], dtype), "label": labels[indices], "mask": mask}
 
 
+def _scan_steps(
+    state: TrainState, images: jax.Array, labels: jax.Array, indices: jax.Array, mask: jax.Array
+) -> tuple[TrainState, Metrics]:
+    """``lax.scan`` of ``train_step`` over batches given as rows of ``indices`` into the device data."""
+    dtype = param_dtype(state)
+
+    def step(state, batch_indices_and_mask):
+        return train_step(state, gather_batch(images, labels, *batch_indices_and_mask, dtype))
+
+    return jax.lax.scan(step, state, (indices, mask))
+
+
 @partial(jax.jit, static_argnames="batch_size", donate_argnames="state")
 def train_epoch(
     state: TrainState, images: jax.Array, labels: jax.Array, key: jax.Array, batch_size: int = 64
@@ -146,13 +158,52 @@ def train_epoch(
     ``accuracy`` (shape ``(num_batches,)``); the lesson's "Training loss" is the mean of ``loss``.
     The input ``state`` is donated: use the returned one.
     """
-    indices, mask = epoch_batch_indices(key, images.shape[0], batch_size)
+    return _scan_steps(state, images, labels, *epoch_batch_indices(key, images.shape[0], batch_size))
+
+
+@partial(jax.jit, static_argnames="num_steps", donate_argnames="state")
+def train_steps(
+    state: TrainState,
+    images: jax.Array,
+    labels: jax.Array,
+    indices: jax.Array,
+    mask: jax.Array,
+    first_step: jax.Array | int,
+    num_steps: int,
+) -> tuple[TrainState, Metrics]:
+    """Steps ``first_step .. first_step + num_steps - 1`` of an epoch as one compiled call.
+
+    ``indices``/``mask`` are the epoch's ``epoch_batch_indices``; used to checkpoint or stop inside
+    an epoch and to resume exactly where a run stopped.
+    """
+    window = (
+        jax.lax.dynamic_slice_in_dim(indices, first_step, num_steps),
+        jax.lax.dynamic_slice_in_dim(mask, first_step, num_steps),
+    )
+    return _scan_steps(state, images, labels, *window)
+
+
+StepFn = Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
+
+
+def train_steps_stepwise(
+    state: TrainState,
+    images: jax.Array,
+    labels: jax.Array,
+    indices: jax.Array,
+    mask: jax.Array,
+    first_step: int = 0,
+    num_steps: int | None = None,
+    step_fn: StepFn = train_step,
+) -> tuple[TrainState, Metrics]:
+    """The same steps as ``train_steps`` (same batches, same math), one ``train_step`` call per batch."""
     dtype = param_dtype(state)
-
-    def step(state, batch_indices_and_mask):
-        return train_step(state, gather_batch(images, labels, *batch_indices_and_mask, dtype))
-
-    return jax.lax.scan(step, state, (indices, mask))
+    last_step = len(indices) if num_steps is None else first_step + num_steps
+    history = []
+    for step in range(first_step, last_step):
+        state, metrics = step_fn(state, gather_batch(images, labels, indices[step], mask[step], dtype))
+        history.append(metrics)
+    return state, jax.tree.map(lambda *values: jnp.stack(values), *history)
 
 
 def train_epoch_stepwise(
@@ -161,16 +212,11 @@ def train_epoch_stepwise(
     labels: jax.Array,
     key: jax.Array,
     batch_size: int = 64,
-    step_fn: Callable[[TrainState, Batch], tuple[TrainState, Metrics]] = train_step,
+    step_fn: StepFn = train_step,
 ) -> tuple[TrainState, Metrics]:
     """The same epoch as ``train_epoch`` (same batches, same math), one ``train_step`` call per batch."""
     indices, mask = epoch_batch_indices(key, images.shape[0], batch_size)
-    dtype = param_dtype(state)
-    history = []
-    for batch_indices, batch_mask in zip(indices, mask):
-        state, metrics = step_fn(state, gather_batch(images, labels, batch_indices, batch_mask, dtype))
-        history.append(metrics)
-    return state, jax.tree.map(lambda *values: jnp.stack(values), *history)
+    return train_steps_stepwise(state, images, labels, indices, mask, step_fn=step_fn)
 
 
 def _main() -> Any:

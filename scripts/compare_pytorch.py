@@ -162,7 +162,7 @@ def distribution(args: argparse.Namespace) -> dict:
     train_data, test_data = load_mnist("train", args.data_dir), load_mnist("test", args.data_dir)
     losses, accuracies = [], []
     for seed in range(args.seeds):
-        results = list(fit(TrainConfig(seed=seed), train_data, test_data))
+        results = [progress.result for progress in fit(TrainConfig(seed=seed), train_data, test_data)]
         losses.append([result.train_loss for result in results])
         accuracies.append(results[-1].test_accuracy)
         print(f"seed {seed}: " + "  ".join(f"{loss:.4f}" for loss in losses[-1]) + f"  accuracy {accuracies[-1]:.4f}", flush=True)

@@ -1,0 +1,150 @@
+"""Checkpoints that survive a crash at any instant, and resuming exactly where a run stopped.
+
+Format: one ``ckpt-<global step>.msgpack`` file per checkpoint, written with ``flax.serialization``
+(msgpack of the train state's arrays, bit-exact) plus the run's position, its current epoch's step
+metrics, the RNG state and its configuration. We chose flax.serialization over orbax-checkpoint
+because the whole state is under half a megabyte: one file written to a temporary name, fsynced and
+renamed is atomic on POSIX, needs no background threads (so a signal handler or SIGKILL cannot catch
+it half-done), and restores without any orbax machinery.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import serialization
+
+from jaxmnist.fit import RESUMABLE_CHANGES, Progress, TrainConfig, initial_state, run_keys
+
+FORMAT = "jaxmnist-checkpoint"
+VERSION = 1
+_NAME = re.compile(r"^ckpt-(\d+)\.msgpack$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder holds no checkpoint, a damaged one, or one of another configuration."""
+
+
+def config_to_dict(config: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(values: dict[str, Any]) -> TrainConfig:
+    return TrainConfig(**{**values, "hidden_sizes": tuple(values["hidden_sizes"])})
+
+
+def config_differences(saved: TrainConfig, current: TrainConfig) -> list[tuple[str, Any, Any]]:
+    """The settings that differ and would change the mathematics: ``(field, saved, current)``."""
+    return [
+        (field.name, getattr(saved, field.name), getattr(current, field.name))
+        for field in dataclasses.fields(TrainConfig)
+        if field.name not in RESUMABLE_CHANGES and getattr(saved, field.name) != getattr(current, field.name)
+    ]
+
+
+def checkpoint_paths(directory: Path) -> list[Path]:
+    """The checkpoint files in ``directory``, oldest (fewest steps) first."""
+    if not directory.is_dir():
+        return []
+    found = [(int(match.group(1)), path) for path in directory.iterdir() if (match := _NAME.match(path.name))]
+    return [path for _, path in sorted(found)]
+
+
+def _write_atomically(path: Path, content: bytes) -> None:
+    """Temporary file in the same folder, fsync, rename, fsync the folder: all or nothing."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as output:
+            output.write(content)
+            output.flush()
+            os.fsync(output.fileno())
+        os.replace(temporary, path)
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def save_checkpoint(directory: Path, config: TrainConfig, progress: Progress, keep: int = 3) -> Path:
+    """Writes ``progress`` as the newest checkpoint and keeps only the ``keep`` newest."""
+    directory.mkdir(parents=True, exist_ok=True)
+    progress = progress.continuation()
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": json.dumps(config_to_dict(config)),
+        "epoch": progress.epoch,
+        "position": progress.position,
+        "state": serialization.to_state_dict(progress.state),
+        "step_losses": np.asarray(progress.step_losses),
+        "step_accuracies": np.asarray(progress.step_accuracies),
+        "data_key": np.asarray(jax.random.key_data(run_keys(config.seed)[1])),
+    }
+    path = directory / f"ckpt-{int(progress.state.step):08d}.msgpack"
+    _write_atomically(path, serialization.msgpack_serialize(jax.device_get(payload)))
+    for old in checkpoint_paths(directory)[:-keep]:
+        old.unlink(missing_ok=True)
+    for leftover in directory.glob(".ckpt-*.tmp"):
+        leftover.unlink(missing_ok=True)
+    return path
+
+
+def read_checkpoint(path: Path) -> tuple[TrainConfig, dict[str, Any]]:
+    """The configuration and raw payload of one checkpoint file; ``CheckpointError`` if damaged."""
+    try:
+        payload = serialization.msgpack_restore(path.read_bytes())
+        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+            raise ValueError("not a jaxmnist checkpoint")
+        if payload.get("version") != VERSION:
+            raise ValueError(f"checkpoint format version {payload.get('version')}, this jaxmnist reads {VERSION}")
+        config = config_from_dict(json.loads(payload["config"]))
+    except CheckpointError:
+        raise
+    except Exception as error:  # msgpack, json and our own checks raise assorted types
+        raise CheckpointError(f"{path}: damaged or not a jaxmnist checkpoint ({error})") from error
+    return config, payload
+
+
+def latest_checkpoint(directory: Path) -> Path:
+    """The newest checkpoint file in ``directory``; ``CheckpointError`` saying what is there if none."""
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: no such checkpoint folder")
+    paths = checkpoint_paths(directory)
+    if not paths:
+        raise CheckpointError(f"{directory}: holds no jaxmnist checkpoint (ckpt-<step>.msgpack files)")
+    return paths[-1]
+
+
+def restore_progress(path: Path, config: TrainConfig) -> Progress:
+    """The progress saved in ``path``, checked against ``config`` (settings that change the math must match)."""
+    saved_config, payload = read_checkpoint(path)
+    differences = config_differences(saved_config, config)
+    if differences:
+        field, saved, current = differences[0]
+        raise CheckpointError(f"{path}: cannot resume, {field} is {saved} in the checkpoint but {current} now")
+    try:
+        state = serialization.from_state_dict(initial_state(config), payload["state"])
+        saved_key = np.asarray(payload["data_key"])
+        if not np.array_equal(saved_key, np.asarray(jax.random.key_data(run_keys(config.seed)[1]))):
+            raise ValueError("its RNG state does not match its seed")
+        progress = Progress(
+            state=jax.device_put(state),
+            epoch=int(payload["epoch"]),
+            position=int(payload["position"]),
+            step_losses=np.asarray(payload["step_losses"]),
+            step_accuracies=np.asarray(payload["step_accuracies"]),
+        )
+    except (KeyError, ValueError, TypeError) as error:
+        raise CheckpointError(f"{path}: damaged checkpoint ({error})") from error
+    return progress

@@ -1,0 +1,225 @@
+"""Checkpoints, exact resume, signals and the divergence guard."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import chex
+import jax
+import numpy as np
+import pytest
+from flax import serialization
+
+from jaxmnist import checkpoint
+from jaxmnist.checkpoint import CheckpointError, latest_checkpoint, restore_progress, save_checkpoint
+from jaxmnist.cli import main
+from jaxmnist.data import write_mnist
+from jaxmnist.fit import DivergenceError, TrainConfig, fit
+
+from conftest import make_digits
+
+SMALL = TrainConfig(epochs=2, batch_size=32, learning_rate=0.05)
+
+
+@pytest.fixture(scope="module")
+def small_data():
+    return make_digits(200, seed=1), make_digits(50, seed=2)
+
+
+def _final_params(path: Path):
+    return serialization.msgpack_restore(path.read_bytes())["state"]["params"]
+
+
+def test_save_and_restore_round_trip_bit_exactly(small_data, tmp_path: Path):
+    progress = next(iter(fit(SMALL, *small_data, steps_per_call=3)))
+    assert (progress.epoch, progress.position) == (1, 3)
+    path = save_checkpoint(tmp_path, SMALL, progress)
+    restored = restore_progress(path, SMALL)
+    chex.assert_trees_all_equal(restored.state.params, progress.state.params)
+    chex.assert_trees_all_equal(restored.state.opt_state, progress.state.opt_state)
+    assert int(restored.state.step) == 3 and (restored.epoch, restored.position) == (1, 3)
+    np.testing.assert_array_equal(restored.step_losses, progress.step_losses)
+
+
+def test_resuming_mid_epoch_gives_the_same_losses_and_bit_identical_params(small_data, tmp_path: Path):
+    uninterrupted = list(fit(SMALL, *small_data, steps_per_call=3))
+    for stop_after in (1, 2, 3):  # inside epoch 1, at its end, and inside epoch 2
+        stopped = list(fit(SMALL, *small_data, steps_per_call=3))[stop_after - 1]
+        path = save_checkpoint(tmp_path / str(stop_after), SMALL, stopped)
+        resumed = list(fit(SMALL, *small_data, start=restore_progress(path, SMALL), steps_per_call=3))
+        chex.assert_trees_all_equal(resumed[-1].state.params, uninterrupted[-1].state.params)
+        assert resumed[-1].result.train_loss == uninterrupted[-1].result.train_loss
+
+
+def test_a_crash_while_writing_leaves_the_previous_checkpoint_loadable(small_data, tmp_path: Path, monkeypatch):
+    first, second = list(fit(SMALL, *small_data, steps_per_call=3))[:2]
+    good = save_checkpoint(tmp_path, SMALL, first)
+
+    def crash(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.os, "replace", crash)
+    with pytest.raises(OSError, match="No space"):
+        save_checkpoint(tmp_path, SMALL, second)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [good.name]
+    assert latest_checkpoint(tmp_path) == good
+    restore_progress(good, SMALL)
+
+
+def test_only_the_newest_k_checkpoints_are_kept(small_data, tmp_path: Path):
+    for progress in fit(SMALL, *small_data, steps_per_call=2):
+        save_checkpoint(tmp_path, SMALL, progress, keep=2)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    # 7 steps an epoch in calls of 2: checkpoints at steps 2, 4, 6, 7, 9, 11, 13, 14.
+    assert names == ["ckpt-00000013.msgpack", "ckpt-00000014.msgpack"]
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [({"hidden_sizes": (32,)}, "hidden_sizes"), ({"batch_size": 16}, "batch_size"), ({"seed": 1}, "seed"),
+     ({"learning_rate": 0.1}, "learning_rate"), ({"dtype": "float64"}, "dtype")],
+)
+def test_resuming_with_another_configuration_is_refused_naming_the_setting(small_data, tmp_path, change, named):
+    path = save_checkpoint(tmp_path, SMALL, next(iter(fit(SMALL, *small_data))))
+    with pytest.raises(CheckpointError, match=f"cannot resume, {named} is"):
+        restore_progress(path, TrainConfig(**{**SMALL.__dict__, **change}))
+    restore_progress(path, TrainConfig(**{**SMALL.__dict__, "epochs": 9, "loop": "step"}))
+
+
+@pytest.mark.parametrize(
+    "content, fault",
+    [(b"", "damaged"), (b"garbage\n", "damaged"), (serialization.msgpack_serialize({"format": "other"}), "not a jaxmnist")],
+)
+def test_damaged_checkpoint_is_a_clear_error(tmp_path: Path, content: bytes, fault: str):
+    (tmp_path / "ckpt-00000005.msgpack").write_bytes(content)
+    with pytest.raises(CheckpointError, match=fault):
+        restore_progress(latest_checkpoint(tmp_path), SMALL)
+
+
+def test_truncated_real_checkpoint_is_a_clear_error(small_data, tmp_path: Path):
+    path = save_checkpoint(tmp_path, SMALL, next(iter(fit(SMALL, *small_data))))
+    path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(CheckpointError, match=str(path)):
+        restore_progress(path, SMALL)
+
+
+def test_folder_without_checkpoints_is_a_clear_error(tmp_path: Path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(CheckpointError, match="holds no jaxmnist checkpoint"):
+        latest_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="no such checkpoint folder"):
+        latest_checkpoint(tmp_path / "missing")
+
+
+def test_divergence_stops_naming_epoch_and_step_before_yielding_it(small_data):
+    config = TrainConfig(epochs=2, batch_size=32, learning_rate=1e4)
+    seen = []
+    with pytest.raises(DivergenceError) as error:
+        for progress in fit(config, *small_data, steps_per_call=1):
+            seen.append(progress)
+    assert error.value.epoch == 1 and error.value.step == len(seen) + 1
+    assert "--lr" in str(error.value)
+    for progress in seen:
+        chex.assert_tree_all_finite(progress.state.params)
+
+
+# The command line, end to end.
+
+@pytest.fixture(scope="module")
+def cli_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("cli-data")
+    write_mnist(folder, "train", *make_digits(1200, seed=3))
+    write_mnist(folder, "test", *make_digits(100, seed=4))
+    return folder
+
+
+def _train_command(cli_data: Path, checkpoint_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "jaxmnist.train", "--data-dir", str(cli_data), "--no-verify", "--epochs", "3",
+            "--batch-size", "4", "--loop", "step", "--checkpoint-dir", str(checkpoint_dir),
+            "--checkpoint-every", "20", *extra]
+
+
+def _wait_for_checkpoints(folder: Path, count: int, process: subprocess.Popen, timeout: float = 120) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        if len(checkpoint.checkpoint_paths(folder)) >= count and any(True for _ in folder.iterdir()):
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_sigkill_at_random_moments_then_resume_gives_bit_identical_parameters(cli_data: Path, tmp_path: Path):
+    reference_dir = tmp_path / "reference"
+    subprocess.run(_train_command(cli_data, reference_dir), check=True, capture_output=True, timeout=300)
+    reference = latest_checkpoint(reference_dir)
+
+    interrupted_dir = tmp_path / "interrupted"
+    rng = random.Random(1234)
+    kills = 0
+    for attempt in range(4):
+        extra = ["--resume"] if checkpoint.checkpoint_paths(interrupted_dir) else []
+        process = subprocess.Popen(_train_command(cli_data, interrupted_dir, *extra), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        before = len(checkpoint.checkpoint_paths(interrupted_dir))
+        if _wait_for_checkpoints(interrupted_dir, min(before + 1, 3), process):
+            time.sleep(rng.uniform(0, 0.3))
+            process.send_signal(signal.SIGKILL)
+        kills += process.wait(timeout=300) == -signal.SIGKILL
+    assert kills >= 2, "the runs ended before they could be killed"
+    finish = subprocess.run(_train_command(cli_data, interrupted_dir, "--resume"), capture_output=True, text=True, timeout=300)
+    assert finish.returncode == 0, finish.stderr
+    final = latest_checkpoint(interrupted_dir)
+    assert final.name == reference.name
+    for ours, theirs in zip(jax.tree.leaves(_final_params(final)), jax.tree.leaves(_final_params(reference))):
+        assert ours.tobytes() == theirs.tobytes()
+
+
+@pytest.mark.parametrize("sent, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_stops_at_a_step_boundary_saves_and_says_how_to_resume(cli_data: Path, tmp_path: Path, sent, code):
+    process = subprocess.Popen(_train_command(cli_data, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert _wait_for_checkpoints(tmp_path, 1, process)
+    process.send_signal(sent)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == code, stderr
+    assert "checkpoint saved to" in stderr and "--resume" in stderr
+    resumed = restore_progress(latest_checkpoint(tmp_path), TrainConfig(epochs=3, batch_size=4, loop="step"))
+    assert resumed.position % 20 == 0 or resumed.position == 0
+
+
+def test_cli_divergence_is_one_line_and_keeps_the_last_finite_checkpoint(cli_data: Path, tmp_path: Path, capsys):
+    code = main(["--data-dir", str(cli_data), "--no-verify", "--no-compile-cache", "--lr", "10000", "--batch-size", "4",
+                 "--checkpoint-dir", str(tmp_path), "--checkpoint-every", "1"])
+    assert code == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "epoch 1, step" in error and "--lr" in error
+    for path in checkpoint.checkpoint_paths(tmp_path):
+        chex.assert_tree_all_finite(_final_params(path))
+
+
+@pytest.mark.parametrize(
+    "flags, fault",
+    [
+        (["--resume"], "needs --checkpoint-dir"),
+        (["--resume", "--checkpoint-dir", "{empty}"], "holds no jaxmnist checkpoint"),
+        (["--checkpoint-dir", "{file}/sub"], "cannot write there"),
+        (["--checkpoint-every", "0"], "--checkpoint-every"),
+        (["--keep", "-1"], "--keep"),
+        (["--max-loss", "0"], "--max-loss"),
+    ],
+)
+def test_bad_checkpoint_flags_are_one_line_exit_2(cli_data: Path, tmp_path: Path, capsys, flags, fault):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("x")
+    flags = [flag.format(empty=tmp_path / "empty", file=tmp_path / "file") for flag in flags]
+    try:
+        code = main(["--data-dir", str(cli_data), "--no-verify", "--no-compile-cache", *flags])
+    except SystemExit as exit_info:
+        code = exit_info.code
+    assert code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and fault in error

@@ -58,10 +58,17 @@ def checkpoint_paths(directory: Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
+def _current_umask() -> int:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
 def _write_atomically(path: Path, content: bytes) -> None:
     """Temporary file in the same folder, fsync, rename, fsync the folder: all or nothing."""
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(temporary, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the usual permissions
         with os.fdopen(handle, "wb") as output:
             output.write(content)
             output.flush()
@@ -148,3 +155,30 @@ def restore_progress(path: Path, config: TrainConfig) -> Progress:
     except (KeyError, ValueError, TypeError) as error:
         raise CheckpointError(f"{path}: damaged checkpoint ({error})") from error
     return progress
+
+
+PARAMS_FORMAT = "jaxmnist-params"
+
+
+def save_params(path: Path, config: TrainConfig, params: Any) -> Path:
+    """Writes trained parameters for ``jaxmnist.predict``: msgpack (``flax.serialization``) of
+    ``{"format": "jaxmnist-params", "version": 1, "config": <TrainConfig as JSON>, "params": <MLP params>}``,
+    atomically."""
+    payload = {"format": PARAMS_FORMAT, "version": VERSION, "config": json.dumps(config_to_dict(config)), "params": params}
+    _write_atomically(path, serialization.msgpack_serialize(jax.device_get(payload)))
+    return path
+
+
+def load_params(path: Path) -> tuple[TrainConfig, Any]:
+    """The configuration and parameters written by ``save_params``; ``CheckpointError`` if not such a file."""
+    try:
+        payload = serialization.msgpack_restore(path.read_bytes())
+        if not isinstance(payload, dict) or payload.get("format") != PARAMS_FORMAT:
+            raise ValueError(f"format {payload.get('format') if isinstance(payload, dict) else None!r}")
+        config = config_from_dict(json.loads(payload["config"]))
+        params = payload["params"]
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot read ({error.strerror or error})") from error
+    except Exception as error:  # msgpack, json and our own checks raise assorted types
+        raise CheckpointError(f"{path}: not a jaxmnist parameters file written by --save ({error})") from error
+    return config, params

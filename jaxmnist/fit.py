@@ -236,11 +236,16 @@ def _compile(config: TrainConfig, state: TrainState, images: jax.Array, labels: 
     if config.loop != "scan":
         raise ValueError(f"loop must be 'scan' or 'step', got {config.loop!r}")
     steps_per_epoch = num_batches(images.shape[0], config.batch_size)
-    compiled_epoch = None
     if chunk == steps_per_epoch:
         compiled_epoch = train_epoch.lower(state, images, labels, first_key, batch_size=config.batch_size).compile()
+    else:
+        compiled_epoch = None
+        indices, mask = _batch_indices(first_key, images.shape[0], config.batch_size)
+        compiled_chunk = train_steps.lower(state, images, labels, indices, mask, 0, chunk).compile()
 
     def run_steps(state, indices, mask, first_step, num_steps):
+        if compiled_epoch is None and num_steps == chunk:
+            return compiled_chunk(state, images, labels, indices, mask, first_step)
         return train_steps(state, images, labels, indices, mask, first_step, num_steps)
 
     if compiled_epoch is None:

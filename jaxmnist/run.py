@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import shlex
+import shutil
 import signal
 import sys
 import tempfile
 import threading
 from pathlib import Path
 
-from jaxmnist.checkpoint import latest_checkpoint, restore_progress, save_checkpoint
+from jaxmnist.checkpoint import latest_checkpoint, restore_progress, save_checkpoint, save_params
 from jaxmnist.cli import configure_jax, load_splits
-from jaxmnist.fit import Progress, TrainConfig, fit
+from jaxmnist.fit import EpochResult, Progress, TrainConfig, fit
+from jaxmnist.train import num_batches
 
 
 class OutputError(ValueError):
@@ -82,25 +86,76 @@ def _describe(config: TrainConfig, num_images: int) -> str:
     )
 
 
-def _print_epoch(progress: Progress, config: TrainConfig) -> None:
-    result = progress.result
-    if result.compile_seconds:
-        print(f"compiled in {result.compile_seconds:.2f} s", flush=True)
-    print(f"Training loss: {result.train_loss}")
-    print(
+def _epoch_lines(result: EpochResult, config: TrainConfig) -> str:
+    compiled = f"compiled in {result.compile_seconds:.2f} s\n" if result.compile_seconds else ""
+    return (
+        f"{compiled}Training loss: {result.train_loss}\n"
         f"  epoch {result.epoch}/{config.epochs}: test loss {result.test_loss:.4f}, "
         f"test accuracy {result.test_accuracy:.4f}, {result.seconds:.2f} s "
-        f"({result.samples_per_second:,.0f} images/s)",
-        flush=True,
+        f"({result.samples_per_second:,.0f} images/s)"
     )
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Every output path is proven writable before the first training step."""
+    if args.checkpoint_dir is not None:
+        check_writable_folder(args.checkpoint_dir, "--checkpoint-dir")
+    for flag, path in (("--metrics-out", args.metrics_out), ("--plot", args.plot), ("--save", args.save)):
+        if path is None:
+            continue
+        if path.is_dir():
+            raise OutputError(f"{flag} {path}: is a folder, expected a file name")
+        check_writable_folder(path.parent, flag)
+    if args.plot is not None and args.plot.suffix.lower() not in (".png", ".pdf", ".svg"):
+        raise OutputError(f"--plot {args.plot}: use a .png, .pdf or .svg file name")
+
+
+class Reporter:
+    """What a run shows and writes as it goes: progress bar, epoch lines, metrics file, loss plot."""
+
+    def __init__(self, args: argparse.Namespace, config: TrainConfig, steps_per_epoch: int, start: Progress | None):
+        from tqdm.auto import tqdm
+
+        self.args, self.config, self.steps_per_epoch = args, config, steps_per_epoch
+        self.results: list[EpochResult] = []
+        self.bar = tqdm(total=config.epochs * steps_per_epoch, initial=self._steps_done(start), unit="step",
+                        disable=args.quiet or not sys.stderr.isatty(), leave=False,
+                        ncols=shutil.get_terminal_size((100, 24)).columns)  # a new pty may report width 0
+        if args.metrics_out is not None and not args.resume:
+            args.metrics_out.write_text("")
+
+    def _steps_done(self, progress: Progress | None) -> int:
+        return 0 if progress is None else (progress.epoch - 1) * self.steps_per_epoch + progress.position
+
+    def update(self, progress: Progress) -> None:
+        self.bar.update(self._steps_done(progress) - self.bar.n)
+        self.bar.set_postfix(epoch=progress.epoch, loss=f"{float(progress.step_losses[-1]):.4f}")
+        if progress.result is None:
+            return
+        self.results.append(progress.result)
+        self.bar.write(_epoch_lines(progress.result, self.config))
+        sys.stdout.flush()
+        if self.args.metrics_out is not None:
+            with self.args.metrics_out.open("a") as metrics:
+                metrics.write(json.dumps(dataclasses.asdict(progress.result)) + "\n")
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.args.plot is not None and self.results:
+            from jaxmnist.plots import plot_losses
+
+            plot_losses([r.train_loss for r in self.results], [r.test_loss for r in self.results], self.args.plot,
+                        first_epoch=self.results[0].epoch)
+            print(f"loss plot written to {self.args.plot}")
+
+
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     """Trains as the flags say; returns the exit code (130/143 when stopped by a signal)."""
     configure_jax(args)
     config = config_from_args(args)
-    if args.checkpoint_dir is not None:
-        check_writable_folder(args.checkpoint_dir, "--checkpoint-dir")
+    check_outputs(args)
     start = None
     if args.resume:
         path = latest_checkpoint(args.checkpoint_dir)
@@ -112,16 +167,22 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"nothing to do: the checkpoint has finished {start.epoch - 1} epochs (--epochs {config.epochs})")
         return 0
 
-    saved_at = None
-    with GracefulStop() as stop:
-        steps = fit(config, train_data, test_data, start, steps_per_call=args.checkpoint_every, max_loss=args.max_loss)
-        for progress in steps:
-            if progress.epoch_done:
-                _print_epoch(progress, config)
-            if args.checkpoint_dir is not None and (progress.epoch_done or args.checkpoint_every or stop.signal_number):
-                saved_at = save_checkpoint(args.checkpoint_dir, config, progress, keep=args.keep)
-            if stop.signal_number is not None:
-                return _report_stop(stop.signal_number, progress, saved_at, argv)
+    reporter = Reporter(args, config, num_batches(len(train_data[0]), config.batch_size), start)
+    saved_at, progress = None, start
+    try:
+        with GracefulStop() as stop:
+            steps = fit(config, train_data, test_data, start, steps_per_call=args.checkpoint_every, max_loss=args.max_loss)
+            for progress in steps:
+                reporter.update(progress)
+                if args.checkpoint_dir is not None and (progress.epoch_done or args.checkpoint_every or stop.signal_number):
+                    saved_at = save_checkpoint(args.checkpoint_dir, config, progress, keep=args.keep)
+                if stop.signal_number is not None:
+                    return _report_stop(stop.signal_number, progress, saved_at, argv)
+    finally:
+        reporter.close()
+    if args.save is not None and progress is not None:
+        save_params(args.save, config, progress.state.params)
+        print(f"trained parameters written to {args.save}")
     return 0
 
 

@@ -204,7 +204,7 @@ def has_torch() -> bool:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=3, help="round-robin rounds (default 3)")
+    parser.add_argument("--repeats", type=int, default=5, help="round-robin rounds (default 5)")
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs per contender per round (default 3)")
     parser.add_argument("--lesson-steps", type=int, default=300, help="batches of the lesson's loop timed per epoch")
     parser.add_argument("--data-dir", type=Path, default=None, help="MNIST folder (default: $JAXMNIST_DATA_DIR)")
@@ -230,16 +230,19 @@ def main() -> int:
             print(f"round {round_index + 1}/{args.repeats}: {label} done", file=sys.stderr, flush=True)
     startup = startup_checks(args)
 
-    reference = statistics.median(t for run in runs["jaxmnist batch 64"] for t in run["epoch_seconds"])
     first = runs["jaxmnist batch 64"][0]
+    reference_per_round = [statistics.median(run["epoch_seconds"]) for run in runs["jaxmnist batch 64"]]
     rows = []
     for label, results in runs.items():
         seconds = statistics.median(t for run in results for t in run["epoch_seconds"])
+        # Ratios are taken within each round (same machine state), then their median.
+        ratios = [statistics.median(run["epoch_seconds"]) / ref for run, ref in zip(results, reference_per_round)]
         rows.append({
             "contender": label,
             "epoch_seconds": seconds,
             "samples_per_second": 60000 / seconds,
-            "times_jaxmnist": seconds / reference,
+            "times_jaxmnist": statistics.median(ratios),
+            "times_jaxmnist_per_round": ratios,
             "compile_seconds": statistics.median(run["compile_seconds"] for run in results) if "compile_seconds" in results[0] else None,
             "peak_rss_mib": max(run["peak_rss_mib"] for run in results),
             "note": "torchvision emulated" if results[0].get("emulated_torchvision") else "",
@@ -250,7 +253,7 @@ def main() -> int:
 
     print(f"\njaxmnist benchmark on {first['platform']} ({first['device_kind']}), {os.cpu_count()} CPU cores, "
           f"median of {args.repeats} rounds x {args.epochs} epochs")
-    print(f"{'contender':<22} {'s/epoch':>8} {'images/s':>10} {'x jaxmnist':>10} {'compile s':>9} {'peak RSS MiB':>12}")
+    print(f"{'contender':<22} {'s/epoch':>8} {'images/s':>10} {'x jaxmnist':>10} {'compile s':>9} {'peak RSS MiB':>12}  (x jaxmnist: median of per-round ratios)")
     for row in rows:
         compile_text = f"{row['compile_seconds']:.2f}" if row["compile_seconds"] is not None else "-"
         print(f"{row['contender']:<22} {row['epoch_seconds']:>8.3f} {row['samples_per_second']:>10,.0f} "

@@ -1,0 +1,64 @@
+"""Pictures of a run: the loss curves and the lesson's ``view_classify``. Imports matplotlib when called."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _pyplot():
+    """pyplot, drawing off-screen (Agg) unless inside a notebook, where the inline backend shows it."""
+    import matplotlib
+
+    if not _in_notebook():
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _in_notebook() -> bool:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    return get_ipython() is not None
+
+
+def plot_losses(
+    train_losses: Sequence[float], test_losses: Sequence[float], path: str | Path | None = None, first_epoch: int = 1
+) -> Any:
+    """Training and test loss per epoch; saved to ``path`` (PNG) when given. Returns the figure."""
+    plt = _pyplot()
+    epochs = np.arange(first_epoch, first_epoch + len(train_losses))
+    figure, axes = plt.subplots(figsize=(6, 4))
+    axes.plot(epochs, train_losses, "o-", label="training loss")
+    axes.plot(epochs, test_losses, "s--", label="test loss")
+    axes.set_xlabel("epoch")
+    axes.set_ylabel("loss")
+    axes.set_xticks(epochs)
+    axes.set_title("jaxmnist: the lesson's MLP on MNIST")
+    axes.legend()
+    figure.tight_layout()
+    if path is not None:
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+    return figure
+
+
+def view_classify(image: np.ndarray, probabilities: np.ndarray) -> Any:
+    """The lesson's ``view_classify``: the digit beside a bar chart of its class probabilities."""
+    plt = _pyplot()
+    figure, (image_axes, bar_axes) = plt.subplots(figsize=(6, 3), ncols=2)
+    image_axes.imshow(np.asarray(image).reshape(28, 28), cmap="gray")
+    image_axes.axis("off")
+    bar_axes.barh(np.arange(10), np.asarray(probabilities))
+    bar_axes.set_aspect(0.1)
+    bar_axes.set_yticks(np.arange(10))
+    bar_axes.set_title("class probability")
+    bar_axes.set_xlim(0, 1.1)
+    figure.tight_layout()
+    return figure

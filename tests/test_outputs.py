@@ -1,0 +1,140 @@
+"""The training tool's comforts: progress bar, metrics file, loss plot, saved parameters and predict."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pty
+import re
+import struct
+import subprocess
+import sys
+import termios
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxmnist import predict
+from jaxmnist.cli import main
+from jaxmnist.data import DATA_DIR_ENV, load_mnist
+
+README = Path(__file__).parent.parent / "README.md"
+
+
+@pytest.fixture
+def data_flags(tiny_mnist_dir: Path) -> list[str]:
+    """Real MNIST when available (so predictions are meaningful), else the tiny generated set."""
+    real = os.environ.get(DATA_DIR_ENV)
+    if real and Path(real).is_dir():
+        return ["--data-dir", real]
+    return ["--data-dir", str(tiny_mnist_dir), "--no-verify", "--lr", "0.05", "--batch-size", "16"]
+
+
+def _data_dir(flags: list[str]) -> Path:
+    return Path(flags[flags.index("--data-dir") + 1])
+
+
+def test_metrics_plot_and_save_then_predict_a_test_digit(data_flags, tmp_path: Path, capsys):
+    metrics, plot, params = tmp_path / "metrics.jsonl", tmp_path / "loss.png", tmp_path / "params.msgpack"
+    assert main([*data_flags, "--epochs", "3", "--no-compile-cache", "--metrics-out", str(metrics),
+                 "--plot", str(plot), "--save", str(params)]) == 0
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [record["epoch"] for record in records] == [1, 2, 3]
+    assert {"train_loss", "test_loss", "test_accuracy", "seconds", "samples_per_second"} <= set(records[0])
+    printed = [float(value) for value in re.findall(r"Training loss: (\S+)", capsys.readouterr().out)]
+    assert printed == [record["train_loss"] for record in records]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(plot) as image:
+        assert image.size[0] > 300
+
+    images, labels = load_mnist("test", _data_dir(data_flags), verify="--no-verify" not in data_flags)
+    digit = int(np.argmax(labels == labels[0]))
+    Image.fromarray(images[digit]).save(tmp_path / "digit.png")
+    Image.fromarray(255 - images[digit]).resize((84, 84)).save(tmp_path / "digit-large-inverted.png")
+    assert predict.main(["--params", str(params), str(tmp_path / "digit.png"), str(tmp_path / "digit-large-inverted.png")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    for line in lines:
+        top = re.findall(r"(\d) \(([0-9.]+)\)", line)
+        assert len(top) == 3 and int(top[0][0]) == labels[digit]
+        assert float(top[0][1]) >= float(top[1][1]) >= float(top[2][1])
+
+
+def test_resume_appends_to_the_metrics_file(data_flags, tmp_path: Path):
+    common = [*data_flags, "--no-compile-cache", "--checkpoint-dir", str(tmp_path / "ck"), "--metrics-out", str(tmp_path / "m.jsonl")]
+    assert main([*common, "--epochs", "1"]) == 0
+    assert main([*common, "--epochs", "2", "--resume"]) == 0
+    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2]
+
+
+def _run_in_terminal(args: list[str], env: dict[str, str]) -> str:
+    """Runs with stderr on a pseudo-terminal and returns what appeared there."""
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    process = subprocess.Popen([sys.executable, "-m", "jaxmnist.train", *args], stdout=subprocess.DEVNULL,
+                               stderr=follower, env={**os.environ, **env})
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    process.wait(timeout=300)
+    os.close(leader)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_bar_only_on_a_terminal_and_not_with_quiet(tiny_mnist_dir: Path, tmp_path: Path):
+    args = ["--data-dir", str(tiny_mnist_dir), "--no-verify", "--epochs", "2", "--checkpoint-every", "2",
+            "--checkpoint-dir", str(tmp_path / "ck")]
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    shown = _run_in_terminal(args, env)
+    assert re.search(r"\d+/10 \[", shown), shown  # 2 epochs of 5 steps: "4/10 [00:00<...]"
+    assert "/10 [" not in _run_in_terminal([*args, "--quiet"], env)
+    piped = subprocess.run([sys.executable, "-m", "jaxmnist.train", *args], capture_output=True, text=True,
+                           env={**os.environ, **env})
+    assert piped.returncode == 0 and "/10 [" not in piped.stderr
+
+
+@pytest.mark.parametrize(
+    "flags, fault",
+    [
+        (["--plot", "{tmp}"], "is a folder"),
+        (["--plot", "{tmp}/loss.txt"], ".png"),
+        (["--save", "{tmp}/file/params"], "cannot write"),
+        (["--metrics-out", "{tmp}/file/m.jsonl"], "cannot write"),
+    ],
+)
+def test_unwritable_outputs_are_refused_before_training(tiny_mnist_dir: Path, tmp_path: Path, capsys, flags, fault):
+    (tmp_path / "file").write_text("x")
+    flags = [flag.format(tmp=tmp_path) for flag in flags]
+    assert main(["--data-dir", str(tiny_mnist_dir), "--no-verify", "--no-compile-cache", *flags]) == 2
+    captured = capsys.readouterr()
+    assert "Training loss" not in captured.out and captured.err.count("\n") == 1 and fault in captured.err
+
+
+def test_predict_errors_are_one_line_exit_2(tmp_path: Path, capsys):
+    (tmp_path / "notes.txt").write_text("not an image")
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "blank.png")
+    assert predict.main(["--params", str(tmp_path / "missing.msgpack"), str(tmp_path / "blank.png")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    assert predict.main(["--params", str(tmp_path / "notes.txt"), str(tmp_path / "blank.png")]) == 2
+    assert "not a jaxmnist parameters file" in capsys.readouterr().err
+    assert predict.main(["--params", str(tmp_path / "notes.txt"), str(tmp_path / "notes.txt")]) == 2
+    assert "cannot read as an image" in capsys.readouterr().err
+
+
+def test_readme_python_examples_run_as_written(real_mnist_dir: Path):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
+    runnable = [block for block in blocks if "load_mnist(" in block]
+    assert runnable, "the README lost its research-code example"
+    for block in runnable:
+        exec(compile(block, str(README), "exec"), {})

@@ -15,7 +15,7 @@ from typing import NoReturn
 
 from jaxmnist.data import DATA_DIR_ENV, DataError, default_data_dir, load_mnist
 
-EXIT_TRAINING_DIVERGED = 1
+EXIT_TRAINING_DIVERGED = EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 
@@ -85,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--loop", choices=("scan", "step"), default="scan", help="scan: one compiled call per epoch (default); step: one compiled call per batch, same numbers")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="float64 enables JAX's 64-bit mode, for exactness checks (default float32)")
     add_data_arguments(parser)
+    parser.add_argument("--devices", type=positive_int, default=None, metavar="N", help="train data-parallel on N devices (default: all local devices of the platform); each batch is split among them")
+    parser.add_argument("--platform", choices=("cpu", "gpu", "tpu"), default=None, help="which devices to use (default: JAX's default backend)")
+    parser.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="several hosts: address of process 0, for jax.distributed.initialize")
+    parser.add_argument("--num-processes", type=positive_int, default=None, metavar="N", help="several hosts: how many processes take part")
+    parser.add_argument("--process-id", type=non_negative_int, default=None, metavar="I", help="several hosts: this process's index, 0..N-1")
     parser.add_argument("--checkpoint-dir", type=Path, default=None, metavar="DIR", help="save a checkpoint after every epoch (and every --checkpoint-every steps) into DIR; written atomically")
     parser.add_argument("--checkpoint-every", type=positive_int, default=None, metavar="N", help="also checkpoint every N steps inside an epoch (each epoch then runs in calls of N steps)")
     parser.add_argument("--keep", type=positive_int, default=3, metavar="K", help="keep the K newest checkpoints (default 3)")
@@ -122,13 +127,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.resume and args.checkpoint_dir is None:
         build_parser().error("argument --resume: needs --checkpoint-dir DIR, the folder to resume from")
+    distributed = (args.coordinator, args.num_processes, args.process_id)
+    if any(value is not None for value in distributed) and None in distributed:
+        build_parser().error("arguments --coordinator, --num-processes and --process-id go together")
+    if args.num_processes is not None and args.process_id >= args.num_processes:
+        build_parser().error(f"argument --process-id: must be below --num-processes {args.num_processes}")
     from jaxmnist.checkpoint import CheckpointError
     from jaxmnist.fit import DivergenceError
+    from jaxmnist.parallel import DeviceError
     from jaxmnist.run import OutputError, run
 
     try:
         return run(args, argv)
-    except (DataError, CheckpointError, OutputError, DivergenceError) as error:
+    except (DataError, CheckpointError, OutputError, DivergenceError, DeviceError) as error:
         if args.debug:
             raise
         print(f"error: {error}", file=sys.stderr)
@@ -136,3 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as error:  # a bug or an environment fault: one line unless --debug
+        if args.debug:
+            raise
+        print(f"internal error: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''} "
+              "(run with --debug for the traceback)", file=sys.stderr)
+        return EXIT_FAILURE

@@ -18,9 +18,11 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from jaxmnist.data import normalize
 from jaxmnist.model import ACTIVATIONS, MLP
+from jaxmnist.parallel import batch_sharded, padded_batch_width, replicate
 from jaxmnist.train import (
     TrainState,
     create_train_state,
@@ -148,7 +150,7 @@ def start_of_run(config: TrainConfig) -> Progress:
     return Progress(initial_state(config), epoch=1, position=0, step_losses=empty, step_accuracies=empty)
 
 
-_batch_indices = jax.jit(epoch_batch_indices, static_argnums=(1, 2))
+_batch_indices = jax.jit(epoch_batch_indices, static_argnums=(1, 2, 3))
 
 
 def fit(
@@ -158,24 +160,27 @@ def fit(
     start: Progress | None = None,
     steps_per_call: int | None = None,
     max_loss: float = DEFAULT_MAX_LOSS,
+    mesh: Mesh | None = None,
 ) -> Iterator[Progress]:
     """Trains from ``start`` (default: a fresh run) to the end of epoch ``config.epochs``.
 
     Each epoch runs as one compiled call, or in calls of ``steps_per_call`` steps. Yields the
     ``Progress`` after every call. Raises ``DivergenceError`` instead of yielding a call in which a
     step's loss was not finite or above ``max_loss`` (checked once per call, no extra host sync).
+    With a ``mesh`` (``jaxmnist.parallel.make_mesh``), every batch is split over its devices.
     """
     progress = start_of_run(config) if start is None else start
-    state = progress.state
-    images, labels = jax.device_put(train_data[0]), jax.device_put(train_data[1])
-    test_images = normalize(jax.device_put(test_data[0]), param_dtype(state))
-    test_labels = jax.device_put(test_data[1])
+    place = jax.device_put if mesh is None else partial(replicate, mesh=mesh)
+    state = place(progress.state)
+    images, labels, test_images, test_labels = place((*train_data, *test_data))
+    test_images = normalize(test_images, param_dtype(state))
+    width = padded_batch_width(config.batch_size, mesh)
     steps_per_epoch = num_batches(len(train_data[0]), config.batch_size)
     chunk = min(steps_per_call or steps_per_epoch, steps_per_epoch)
     data_key = run_keys(config.seed)[1]
 
     started = time.perf_counter()
-    run_whole_epoch, run_steps = _compile(config, state, images, labels, chunk)
+    run_whole_epoch, run_steps = _compile(config, state, images, labels, chunk, mesh)
     compile_seconds = time.perf_counter() - started
 
     epoch, position = progress.epoch, progress.position
@@ -190,7 +195,7 @@ def fit(
         if position == 0 and num_steps == steps_per_epoch and run_whole_epoch is not None:
             state, metrics = run_whole_epoch(state, key)
         else:
-            indices, mask = _batch_indices(key, len(train_data[0]), config.batch_size)
+            indices, mask = _batch_indices(key, len(train_data[0]), config.batch_size, width)
             state, metrics = run_steps(state, indices, mask, position, num_steps)
         call_losses = np.asarray(metrics["loss"])
         epoch_seconds += time.perf_counter() - call_started
@@ -222,36 +227,35 @@ def fit(
             losses, accuracies = [], []
 
 
-def _compile(config: TrainConfig, state: TrainState, images: jax.Array, labels: jax.Array, chunk: int):
+def _compile(config: TrainConfig, state: TrainState, images: jax.Array, labels: jax.Array, chunk: int, mesh):
     """Ahead-of-time compiled callables: the whole epoch (scan loop only) and a run of steps."""
     first_key = epoch_key(run_keys(config.seed)[1], 1)
+    indices, mask = _batch_indices(first_key, images.shape[0], config.batch_size, padded_batch_width(config.batch_size, mesh))
     if config.loop == "step":
-        first_batch = gather_batch(
-            images, labels, jnp.zeros(config.batch_size, jnp.int32), jnp.ones(config.batch_size, bool),
-            param_dtype(state),
-        )
+        first_batch = gather_batch(images, labels, indices[0], mask[0], param_dtype(state))
+        if mesh is not None:
+            first_batch = jax.device_put(first_batch, batch_sharded(mesh))
         compiled_step = train_step.lower(state, first_batch).compile()
-        run_steps = partial(_stepwise, images=images, labels=labels, step_fn=compiled_step)
+        run_steps = partial(_stepwise, images=images, labels=labels, step_fn=compiled_step, mesh=mesh)
         return None, run_steps
     if config.loop != "scan":
         raise ValueError(f"loop must be 'scan' or 'step', got {config.loop!r}")
     steps_per_epoch = num_batches(images.shape[0], config.batch_size)
     if chunk == steps_per_epoch:
-        compiled_epoch = train_epoch.lower(state, images, labels, first_key, batch_size=config.batch_size).compile()
+        compiled_epoch = train_epoch.lower(state, images, labels, first_key, batch_size=config.batch_size, mesh=mesh).compile()
     else:
         compiled_epoch = None
-        indices, mask = _batch_indices(first_key, images.shape[0], config.batch_size)
-        compiled_chunk = train_steps.lower(state, images, labels, indices, mask, 0, chunk).compile()
+        compiled_chunk = train_steps.lower(state, images, labels, indices, mask, 0, chunk, mesh).compile()
 
     def run_steps(state, indices, mask, first_step, num_steps):
         if compiled_epoch is None and num_steps == chunk:
             return compiled_chunk(state, images, labels, indices, mask, first_step)
-        return train_steps(state, images, labels, indices, mask, first_step, num_steps)
+        return train_steps(state, images, labels, indices, mask, first_step, num_steps, mesh)
 
     if compiled_epoch is None:
         return None, run_steps
     return (lambda state, key: compiled_epoch(state, images, labels, key)), run_steps
 
 
-def _stepwise(state, indices, mask, first_step, num_steps, *, images, labels, step_fn):
-    return train_steps_stepwise(state, images, labels, indices, mask, first_step, num_steps, step_fn)
+def _stepwise(state, indices, mask, first_step, num_steps, *, images, labels, step_fn, mesh):
+    return train_steps_stepwise(state, images, labels, indices, mask, first_step, num_steps, step_fn, mesh)

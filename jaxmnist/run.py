@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import json
 import shlex
 import shutil
@@ -16,6 +18,7 @@ from pathlib import Path
 from jaxmnist.checkpoint import latest_checkpoint, restore_progress, save_checkpoint, save_params
 from jaxmnist.cli import configure_jax, load_splits
 from jaxmnist.fit import EpochResult, Progress, TrainConfig, fit
+from jaxmnist.parallel import make_mesh, padded_batch_width
 from jaxmnist.train import num_batches
 
 
@@ -74,16 +77,27 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     )
 
 
-def _describe(config: TrainConfig, num_images: int) -> str:
-    import jax
-
-    device = jax.devices()[0]
+def _describe(config: TrainConfig, num_images: int, mesh) -> str:
+    device = mesh.devices.flat[0]
     layers = "-".join(str(size) for size in (784, *config.hidden_sizes, 10))
+    where = f"{device.platform} ({device.device_kind})"
+    if mesh.size > 1:
+        width = padded_batch_width(config.batch_size, mesh)
+        where = f"{mesh.size} {where} devices, {width // mesh.size} images of each batch per device"
     return (
         f"MLP {layers} ({config.activation}, {config.weight_init} init), {config.loss} loss, "
         f"SGD lr {config.learning_rate}, batch {config.batch_size}, {config.epochs} epochs, "
-        f"{num_images} training images, {config.dtype} on {device.platform} ({device.device_kind})"
+        f"{num_images} training images, {config.dtype} on {where}"
     )
+
+
+def start_devices(args: argparse.Namespace):
+    """Joins the other processes (several hosts) and builds the device mesh the flags ask for."""
+    import jax
+
+    if args.coordinator is not None:
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    return make_mesh(args.devices, args.platform)
 
 
 def _epoch_lines(result: EpochResult, config: TrainConfig) -> str:
@@ -153,16 +167,29 @@ class Reporter:
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     """Trains as the flags say; returns the exit code (130/143 when stopped by a signal)."""
+    import jax
+
     configure_jax(args)
     config = config_from_args(args)
-    check_outputs(args)
+    mesh = start_devices(args)
+    if jax.process_index() == 0:
+        return _train(args, argv, config, mesh, writer=True)
+    # Several hosts: process 0 prints and writes every file; the others train in step, silently.
+    args = argparse.Namespace(**{**vars(args), "quiet": True, "metrics_out": None, "plot": None, "save": None})
+    with contextlib.redirect_stdout(io.StringIO()):
+        return _train(args, argv, config, mesh, writer=False)
+
+
+def _train(args: argparse.Namespace, argv: list[str], config: TrainConfig, mesh, writer: bool) -> int:
+    if writer:
+        check_outputs(args)
     start = None
     if args.resume:
         path = latest_checkpoint(args.checkpoint_dir)
         start = restore_progress(path, config)
         print(f"resuming from {path}: epoch {start.epoch}, {start.position} steps into it", flush=True)
     train_data, test_data = load_splits(args)
-    print(_describe(config, len(train_data[0])), flush=True)
+    print(_describe(config, len(train_data[0]), mesh), flush=True)
     if start is not None and start.epoch > config.epochs:
         print(f"nothing to do: the checkpoint has finished {start.epoch - 1} epochs (--epochs {config.epochs})")
         return 0
@@ -171,10 +198,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     saved_at, progress = None, start
     try:
         with GracefulStop() as stop:
-            steps = fit(config, train_data, test_data, start, steps_per_call=args.checkpoint_every, max_loss=args.max_loss)
+            steps = fit(config, train_data, test_data, start, steps_per_call=args.checkpoint_every, max_loss=args.max_loss,
+                        mesh=mesh if mesh.size > 1 else None)
             for progress in steps:
                 reporter.update(progress)
-                if args.checkpoint_dir is not None and (progress.epoch_done or args.checkpoint_every or stop.signal_number):
+                checkpoint_now = progress.epoch_done or args.checkpoint_every or stop.signal_number
+                if writer and args.checkpoint_dir is not None and checkpoint_now:
                     saved_at = save_checkpoint(args.checkpoint_dir, config, progress, keep=args.keep)
                 if stop.signal_number is not None:
                     return _report_stop(stop.signal_number, progress, saved_at, argv)

@@ -15,10 +15,12 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 from flax.training import train_state
+from jax.sharding import Mesh
 
 from jaxmnist.data import normalize
 from jaxmnist.losses import LOSSES, accuracy
 from jaxmnist.model import MLP
+from jaxmnist.parallel import batch_sharded, padded_batch_width, shard_batch
 
 LossFn = Callable[[jax.Array, jax.Array, "jax.Array | None"], jax.Array]
 Batch = Mapping[str, jax.Array]
@@ -115,17 +117,21 @@ def num_batches(num_examples: int, batch_size: int) -> int:
     return -(-num_examples // batch_size)
 
 
-def epoch_batch_indices(key: jax.Array, num_examples: int, batch_size: int) -> tuple[jax.Array, jax.Array]:
-    """The epoch's shuffled example indices as ``(num_batches, batch_size)``, and the padding mask.
+def epoch_batch_indices(
+    key: jax.Array, num_examples: int, batch_size: int, width: int | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """The epoch's shuffled example indices as ``(num_batches, width)``, and the padding mask.
 
     Like PyTorch's ``DataLoader(shuffle=True)``: every example once, the last batch smaller (here padded
-    with index 0 and masked out, so every step has one shape and the math is unchanged).
+    with index 0 and masked out, so every step has one shape and the math is unchanged). ``width``
+    (default ``batch_size``) adds masked slots to every batch, e.g. to divide it among devices.
     """
     order = jax.random.permutation(key, num_examples)
     total = num_batches(num_examples, batch_size) * batch_size
-    padded = jnp.concatenate([order, jnp.zeros(total - num_examples, order.dtype)])
-    mask = jnp.arange(total) < num_examples
-    return padded.reshape(-1, batch_size), mask.reshape(-1, batch_size)
+    padded = jnp.concatenate([order, jnp.zeros(total - num_examples, order.dtype)]).reshape(-1, batch_size)
+    mask = (jnp.arange(total) < num_examples).reshape(-1, batch_size)
+    extra = (0, 0), (0, (width or batch_size) - batch_size)
+    return jnp.pad(padded, extra), jnp.pad(mask, extra)
 
 
 def gather_batch(
@@ -136,32 +142,40 @@ def gather_batch(
 
 
 def _scan_steps(
-    state: TrainState, images: jax.Array, labels: jax.Array, indices: jax.Array, mask: jax.Array
+    state: TrainState, images: jax.Array, labels: jax.Array, indices: jax.Array, mask: jax.Array, mesh: Mesh | None
 ) -> tuple[TrainState, Metrics]:
     """``lax.scan`` of ``train_step`` over batches given as rows of ``indices`` into the device data."""
     dtype = param_dtype(state)
 
     def step(state, batch_indices_and_mask):
-        return train_step(state, gather_batch(images, labels, *batch_indices_and_mask, dtype))
+        batch = gather_batch(images, labels, *batch_indices_and_mask, dtype)
+        return train_step(state, shard_batch(batch, mesh))
 
     return jax.lax.scan(step, state, (indices, mask))
 
 
-@partial(jax.jit, static_argnames="batch_size", donate_argnames="state")
+@partial(jax.jit, static_argnames=("batch_size", "mesh"), donate_argnames="state")
 def train_epoch(
-    state: TrainState, images: jax.Array, labels: jax.Array, key: jax.Array, batch_size: int = 64
+    state: TrainState,
+    images: jax.Array,
+    labels: jax.Array,
+    key: jax.Array,
+    batch_size: int = 64,
+    mesh: Mesh | None = None,
 ) -> tuple[TrainState, Metrics]:
     """One epoch as one compiled call: a ``lax.scan`` of ``train_step`` over the shuffled batches.
 
     ``images`` are the uint8 ``(N, 28, 28)`` data set resident on the device; each batch is gathered and
     normalized inside the compiled program. Returns the new state and the per-step ``loss`` and
     ``accuracy`` (shape ``(num_batches,)``); the lesson's "Training loss" is the mean of ``loss``.
-    The input ``state`` is donated: use the returned one.
+    The input ``state`` is donated: use the returned one. With a ``mesh`` (``jaxmnist.parallel``)
+    every batch is split over its devices, padded with masked slots to a multiple of their count.
     """
-    return _scan_steps(state, images, labels, *epoch_batch_indices(key, images.shape[0], batch_size))
+    width = padded_batch_width(batch_size, mesh)
+    return _scan_steps(state, images, labels, *epoch_batch_indices(key, images.shape[0], batch_size, width), mesh)
 
 
-@partial(jax.jit, static_argnames="num_steps", donate_argnames="state")
+@partial(jax.jit, static_argnames=("num_steps", "mesh"), donate_argnames="state")
 def train_steps(
     state: TrainState,
     images: jax.Array,
@@ -170,6 +184,7 @@ def train_steps(
     mask: jax.Array,
     first_step: jax.Array | int,
     num_steps: int,
+    mesh: Mesh | None = None,
 ) -> tuple[TrainState, Metrics]:
     """Steps ``first_step .. first_step + num_steps - 1`` of an epoch as one compiled call.
 
@@ -180,7 +195,7 @@ def train_steps(
         jax.lax.dynamic_slice_in_dim(indices, first_step, num_steps),
         jax.lax.dynamic_slice_in_dim(mask, first_step, num_steps),
     )
-    return _scan_steps(state, images, labels, *window)
+    return _scan_steps(state, images, labels, *window, mesh)
 
 
 StepFn = Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
@@ -195,13 +210,17 @@ def train_steps_stepwise(
     first_step: int = 0,
     num_steps: int | None = None,
     step_fn: StepFn = train_step,
+    mesh: Mesh | None = None,
 ) -> tuple[TrainState, Metrics]:
     """The same steps as ``train_steps`` (same batches, same math), one ``train_step`` call per batch."""
     dtype = param_dtype(state)
     last_step = len(indices) if num_steps is None else first_step + num_steps
     history = []
     for step in range(first_step, last_step):
-        state, metrics = step_fn(state, gather_batch(images, labels, indices[step], mask[step], dtype))
+        batch = gather_batch(images, labels, indices[step], mask[step], dtype)
+        if mesh is not None:
+            batch = jax.device_put(batch, batch_sharded(mesh))
+        state, metrics = step_fn(state, batch)
         history.append(metrics)
     return state, jax.tree.map(lambda *values: jnp.stack(values), *history)
 

@@ -19,6 +19,8 @@ from jaxmnist.train import (
     train_epoch,
     train_epoch_stepwise,
     train_step,
+    train_steps,
+    train_steps_stepwise,
 )
 
 from conftest import make_digits
@@ -186,3 +188,45 @@ def test_evaluate_reports_loss_and_accuracy_of_the_current_params(digits):
         state, _ = train_epoch(state, images, labels, jax.random.key(1), batch_size=16)
     trained = evaluate(state, normalize(images), labels)
     assert float(trained["loss"]) < float(metrics["loss"]) and float(trained["accuracy"]) > 0.5
+
+
+@pytest.fixture(scope="module")
+def lesson_sized_set() -> tuple[jax.Array, jax.Array]:
+    """60,000 generated images: the lesson's 938 batches per epoch."""
+    images, labels = make_digits(60_000, seed=5)
+    return jnp.asarray(images), jnp.asarray(labels, jnp.int32)
+
+
+def test_scan_epoch_matches_step_loop_over_the_first_100_steps_in_float32(lesson_sized_set):
+    images, labels = lesson_sized_set
+    key = jax.random.key(11)
+    _, scanned = train_epoch(create_train_state(jax.random.key(0)), images, labels, key)
+    indices, mask = epoch_batch_indices(key, len(images), 64)
+    _, looped = train_steps_stepwise(create_train_state(jax.random.key(0)), images, labels, indices, mask, 0, 100)
+    relative = np.abs(np.asarray(scanned["loss"][:100]) - np.asarray(looped["loss"])) / np.asarray(looped["loss"])
+    assert relative.max() <= 1e-6
+
+
+def test_scan_epoch_matches_step_loop_over_a_whole_epoch_in_float64(lesson_sized_set):
+    images, labels = lesson_sized_set
+    with jax.enable_x64(True):
+        make_state = lambda: create_train_state(jax.random.key(0), MLP(param_dtype=jnp.float64))  # noqa: E731
+        key = jax.random.key(12)
+        _, scanned = train_epoch(make_state(), images, labels, key)
+        _, looped = train_epoch_stepwise(make_state(), images, labels, key)
+        assert scanned["loss"].shape == (938,)
+        relative = np.abs(np.asarray(scanned["loss"]) - np.asarray(looped["loss"])) / np.asarray(looped["loss"])
+        assert relative.max() <= 1e-12
+
+
+def test_chunks_of_steps_reproduce_the_whole_epoch(digits):
+    images, labels = digits
+    key = jax.random.key(3)
+    whole_state, whole = train_epoch(create_train_state(jax.random.key(0)), images, labels, key, batch_size=16)
+    indices, mask = epoch_batch_indices(key, len(images), 16)
+    state, losses = create_train_state(jax.random.key(0)), []
+    for first in range(0, 13, 5):
+        state, metrics = train_steps(state, images, labels, indices, mask, first, min(5, 13 - first))
+        losses.append(metrics["loss"])
+    np.testing.assert_allclose(np.concatenate(losses), whole["loss"], rtol=1e-6)
+    chex.assert_trees_all_close(state.params, whole_state.params, rtol=1e-6, atol=1e-7)

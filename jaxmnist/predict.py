@@ -10,11 +10,15 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from jaxmnist.cli import EXIT_BAD_INPUT, OneLineParser, positive_int
 from jaxmnist.data import IMAGE_SIZE
+
+if TYPE_CHECKING:
+    from jaxmnist.fit import TrainConfig
 
 
 class ImageError(ValueError):
@@ -36,15 +40,13 @@ def read_digit_image(path: Path) -> np.ndarray:
     return 255 - pixels if pixels.mean() > 127 else pixels
 
 
-def predict_probabilities(params_path: Path, images: np.ndarray) -> np.ndarray:
-    """Class probabilities ``(N, 10)`` of uint8 ``images`` under the parameters saved with ``--save``."""
+def predict_probabilities(config: TrainConfig, params: Any, images: np.ndarray) -> np.ndarray:
+    """Class probabilities ``(N, 10)`` of uint8 ``images`` under a trained model's config and parameters."""
     import jax
 
-    from jaxmnist.checkpoint import load_params
     from jaxmnist.data import normalize
     from jaxmnist.fit import build_model
 
-    config, params = load_params(params_path)
     logits = build_model(config).apply({"params": params}, normalize(images, np.dtype(config.dtype)))
     return np.asarray(jax.nn.softmax(logits))
 
@@ -55,14 +57,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--top", type=positive_int, default=3, help="how many digits to show per image (default 3)")
     parser.add_argument("images", type=Path, nargs="+", metavar="IMAGE", help="28x28 (or larger, resized) digit images, e.g. PNG")
     args = parser.parse_args(argv)
-    from jaxmnist.checkpoint import CheckpointError
+    import jax
+
+    from jaxmnist.checkpoint import CheckpointError, load_params
 
     try:
+        config, params = load_params(args.params)
         images = np.stack([read_digit_image(path) for path in args.images])
-        probabilities = predict_probabilities(args.params, images)
     except (ImageError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if config.dtype == "float64":
+        jax.config.update("jax_enable_x64", True)
+    probabilities = predict_probabilities(config, params, images)
     for path, row in zip(args.images, probabilities):
         best = np.argsort(row)[::-1][: min(args.top, len(row))]
         print(f"{path}: " + ", ".join(f"{digit} ({row[digit]:.3f})" for digit in best))

@@ -18,8 +18,10 @@ import pytest
 from PIL import Image
 
 from jaxmnist import predict
+from jaxmnist.checkpoint import save_params
 from jaxmnist.cli import main
 from jaxmnist.data import DATA_DIR_ENV, load_mnist
+from jaxmnist.fit import TrainConfig, initial_state
 
 README = Path(__file__).parent.parent / "README.md"
 
@@ -128,8 +130,9 @@ def test_predict_errors_are_one_line_exit_2(tmp_path: Path, capsys):
     assert "cannot read" in capsys.readouterr().err
     assert predict.main(["--params", str(tmp_path / "notes.txt"), str(tmp_path / "blank.png")]) == 2
     assert "not a jaxmnist parameters file" in capsys.readouterr().err
-    assert predict.main(["--params", str(tmp_path / "notes.txt"), str(tmp_path / "notes.txt")]) == 2
-    assert "cannot read as an image" in capsys.readouterr().err
+    params = save_params(tmp_path / "params.msgpack", TrainConfig(), initial_state(TrainConfig()).params)
+    assert predict.main(["--params", str(params), str(tmp_path / "blank.png"), str(tmp_path / "notes.txt")]) == 2
+    assert "notes.txt: cannot read as an image" in capsys.readouterr().err
 
 
 def test_readme_python_examples_run_as_written(real_mnist_dir: Path):

@@ -29,12 +29,12 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-if TYPE_CHECKING:
-    from jaxmnist.data import load_mnist, normalize
-    from jaxmnist.fit import TrainConfig, fit
-    from jaxmnist.losses import accuracy, cross_entropy_loss, mse_loss, nll_loss
-    from jaxmnist.model import MLP
-    from jaxmnist.train import TrainState, create_train_state, evaluate, train_epoch, train_step, train_steps
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on first use
+    from jaxmnist.data import load_mnist, normalize  # noqa: F401
+    from jaxmnist.fit import TrainConfig, fit  # noqa: F401
+    from jaxmnist.losses import accuracy, cross_entropy_loss, mse_loss, nll_loss  # noqa: F401
+    from jaxmnist.model import MLP  # noqa: F401
+    from jaxmnist.train import TrainState, create_train_state, evaluate, train_epoch, train_step, train_steps  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -51,13 +51,12 @@ def loss_of_outputs(outputs: jax.Array, labels: jax.Array, loss: LossName) -> ja
 
 def init_params(key: jax.Array, sizes: tuple[int, int, int] = (784, 128, 10), dtype: Any = jnp.float32) -> Params:
     """W1, b1, W2, b2 drawn as PyTorch's nn.Linear does: uniform in ``±1/sqrt(fan_in)``."""
-    keys = jax.random.split(key, 4)
+    keys = iter(jax.random.split(key, 4))
     params = {}
     for index, (fan_in, fan_out) in enumerate(zip(sizes, sizes[1:]), start=1):
         bound = 1 / fan_in**0.5
-        draw = lambda k, shape: jax.random.uniform(k, shape, dtype, -bound, bound)  # noqa: E731
-        params[f"W{index}"] = draw(keys[2 * index - 2], (fan_in, fan_out))
-        params[f"b{index}"] = draw(keys[2 * index - 1], (fan_out,))
+        params[f"W{index}"] = jax.random.uniform(next(keys), (fan_in, fan_out), dtype, -bound, bound)
+        params[f"b{index}"] = jax.random.uniform(next(keys), (fan_out,), dtype, -bound, bound)
     return params
 
 

@@ -6,7 +6,6 @@ ink on a light background (MNIST digits are light on dark); then the lesson's no
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import subprocess
@@ -162,7 +161,7 @@ def test_sigkill_at_random_moments_then_resume_gives_bit_identical_parameters(cl
     interrupted_dir = tmp_path / "interrupted"
     rng = random.Random(1234)
     kills = 0
-    for attempt in range(4):
+    for _ in range(4):
         extra = ["--resume"] if checkpoint.checkpoint_paths(interrupted_dir) else []
         process = subprocess.Popen(_train_command(cli_data, interrupted_dir, *extra), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         before = len(checkpoint.checkpoint_paths(interrupted_dir))

@@ -64,7 +64,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags that say where MNIST comes from (shared by every jaxmnist command)."""
     parser.add_argument("--data-dir", type=Path, default=None, metavar="PATH", help=f"folder with the MNIST IDX files, flat or as torchvision's MNIST/raw (default: ${DATA_DIR_ENV}, else {default_data_dir()}); with --source tfds, TFDS's data folder")
     parser.add_argument("--source", choices=("idx", "tfds"), default="idx", help="idx: the four MNIST IDX files (default); tfds: TensorFlow Datasets' prepared mnist (pip install 'jaxmnist[tfds]')")
-    parser.add_argument("--no-download", action="store_true", help="fail instead of downloading missing MNIST files")
+    parser.add_argument("--download", action=argparse.BooleanOptionalAction, default=None, help="--no-download: fail instead of downloading missing IDX files (downloaded by default); --download: let TFDS download and prepare MNIST (off by default)")
     parser.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of the IDX files (for modified or synthetic data)")
 
 
@@ -118,7 +118,7 @@ def configure_jax(args: argparse.Namespace) -> None:
 
 def load_splits(args: argparse.Namespace, splits: Sequence[str] = ("train", "test")) -> list[tuple]:
     """The splits asked for, each read and checked before any training starts."""
-    options = {"source": args.source, "download": not args.no_download, "verify": not args.no_verify}
+    options = {"source": args.source, "download": args.download, "verify": not args.no_verify}
     return [load_mnist(split, args.data_dir, **options) for split in splits]
 
 

@@ -213,7 +213,7 @@ def load_mnist(
     data_dir: str | os.PathLike | None = None,
     *,
     source: Literal["idx", "tfds"] = "idx",
-    download: bool = True,
+    download: bool | None = None,
     verify: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Loads one split of MNIST as uint8 images ``(N, 28, 28)`` and int32 labels ``(N,)``.
@@ -222,18 +222,19 @@ def load_mnist(
     inside it the files may sit flat or in torchvision's ``MNIST/raw`` layout. Missing files are
     downloaded into that folder unless ``download=False``; every file is checked against MNIST's
     SHA-256 unless ``verify=False``. ``source="tfds"`` reads TensorFlow Datasets' prepared MNIST
-    (``jaxmnist.tfds_source``). Raises ``DataError`` naming the file for anything missing or damaged.
+    (``jaxmnist.tfds_source``), downloading only if ``download=True``. Raises ``DataError`` naming the file for anything missing or damaged.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if source == "tfds":
         from jaxmnist.tfds_source import load_tfds
 
-        return load_tfds(split, data_dir, download=download)
+        # TFDS downloads only when asked: offline it retries for minutes before failing.
+        return load_tfds(split, data_dir, download=bool(download))
     if source != "idx":
         raise ValueError(f"source must be 'idx' or 'tfds', got {source!r}")
     folder = resolve_data_dir(data_dir)
-    if download and None in (find_idx_file(folder, split, "images"), find_idx_file(folder, split, "labels")):
+    if download is not False and None in (find_idx_file(folder, split, "images"), find_idx_file(folder, split, "labels")):
         _download_missing(folder, split)
     images_path = find_idx_file(folder, split, "images")
     labels_path = find_idx_file(folder, split, "labels")

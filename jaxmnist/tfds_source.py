@@ -12,6 +12,7 @@ element by element.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 
 import numpy as np
@@ -46,6 +47,31 @@ def _as_lesson_arrays(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarra
     return images, labels.astype(np.int32)
 
 
+def _first_sentence(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0].split(". ")[0].rstrip(".")
+
+
+def _load_with_fallback(tfds, split: str, folder: str | None, download: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``tfds.data_source`` first; ``tfds.load`` when that fails and TensorFlow is installed."""
+    try:
+        images, labels = _from_data_source(tfds, split, folder, download)
+    except Exception as data_source_error:  # TFDS raises assorted types for "not prepared here"
+        if importlib.util.find_spec("tensorflow") is None:
+            raise DataError(
+                f"TFDS has no MNIST prepared for tfds.data_source in {folder or 'its default data folder'} "
+                f"({_first_sentence(data_source_error)}); {_HOW_TO_PREPARE}"
+            ) from data_source_error
+        try:
+            images, labels = _from_tf_load(tfds, split, folder, download)
+        except Exception as load_error:
+            raise DataError(
+                f"TFDS could not load MNIST from {folder or 'its default data folder'} "
+                f"({_first_sentence(load_error)}); {_HOW_TO_PREPARE}"
+            ) from load_error
+    return images, labels
+
+
 def load_tfds(
     split: str, data_dir: str | os.PathLike | None = None, download: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -58,19 +84,12 @@ def load_tfds(
     except ImportError as error:
         raise DataError("--source tfds needs TensorFlow Datasets: pip install 'jaxmnist[tfds]'") from error
     folder = None if data_dir is None else os.fspath(data_dir)
+    # TFDS warns through absl about folders it does not find; our error says it in one line.
+    absl_logger = logging.getLogger("absl")
+    previous_level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
     try:
-        images, labels = _from_data_source(tfds, split, folder, download)
-    except Exception as data_source_error:  # TFDS raises assorted types for "not prepared here"
-        if importlib.util.find_spec("tensorflow") is None:
-            raise DataError(
-                f"TFDS has no MNIST prepared for tfds.data_source in {folder or 'its default data folder'} "
-                f"({str(data_source_error).splitlines()[0]}); {_HOW_TO_PREPARE}"
-            ) from data_source_error
-        try:
-            images, labels = _from_tf_load(tfds, split, folder, download)
-        except Exception as load_error:
-            raise DataError(
-                f"TFDS could not load MNIST from {folder or 'its default data folder'} "
-                f"({str(load_error).splitlines()[0]}); {_HOW_TO_PREPARE}"
-            ) from load_error
+        images, labels = _load_with_fallback(tfds, split, folder, download)
+    finally:
+        absl_logger.setLevel(previous_level)
     return _as_lesson_arrays(images, labels)

@@ -167,7 +167,7 @@ def distribution(args: argparse.Namespace) -> dict:
         accuracies.append(results[-1].test_accuracy)
         print(f"seed {seed}: " + "  ".join(f"{loss:.4f}" for loss in losses[-1]) + f"  accuracy {accuracies[-1]:.4f}", flush=True)
     losses_array = np.array(losses)
-    print(f"\njaxmnist, {args.seeds} seeds, beside PyTorch's 100-seed band (../shared/reference/README.md)")
+    print(f"\njaxmnist, {args.seeds} seeds, beside PyTorch's 100-seed band (jaxmnist/lesson.py)")
     print("epoch  jaxmnist mean  [min, max]          PyTorch mean ± std    [min, max]         z of our mean")
     for epoch, (column, (mean, std, low, high)) in enumerate(zip(losses_array.T, PYTORCH_LOSS_BAND), start=1):
         print(f"{epoch:>5}  {column.mean():.4f}         [{column.min():.4f}, {column.max():.4f}]    "

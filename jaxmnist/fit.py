@@ -185,7 +185,7 @@ def fit(
 
     epoch, position = progress.epoch, progress.position
     losses, accuracies = [progress.step_losses], [progress.step_accuracies]
-    epoch_seconds, steps_run = 0.0, 0
+    epoch_seconds, steps_run, epoch_batches = 0.0, 0, None
     while epoch <= config.epochs:
         call_started = time.perf_counter()
         # The compiled calls donate their input state; copy it so every yielded Progress stays valid.
@@ -195,8 +195,9 @@ def fit(
         if position == 0 and num_steps == steps_per_epoch and run_whole_epoch is not None:
             state, metrics = run_whole_epoch(state, key)
         else:
-            indices, mask = _batch_indices(key, len(train_data[0]), config.batch_size, width)
-            state, metrics = run_steps(state, indices, mask, position, num_steps)
+            if epoch_batches is None:  # the epoch's permutation, drawn once for all its calls
+                epoch_batches = _batch_indices(key, len(train_data[0]), config.batch_size, width)
+            state, metrics = run_steps(state, *epoch_batches, position, num_steps)
         call_losses = np.asarray(metrics["loss"])
         epoch_seconds += time.perf_counter() - call_started
         diverged = ~(np.abs(call_losses) <= max_loss)  # NaN compares False: it counts as diverged
@@ -224,7 +225,7 @@ def fit(
         yield Progress(state, epoch, position, step_losses, step_accuracies, result)
         if result is not None:
             epoch, position, epoch_seconds, steps_run, compile_seconds = epoch + 1, 0, 0.0, 0, 0.0
-            losses, accuracies = [], []
+            losses, accuracies, epoch_batches = [], [], None
 
 
 def _compile(config: TrainConfig, state: TrainState, images: jax.Array, labels: jax.Array, chunk: int, mesh):

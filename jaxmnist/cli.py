@@ -15,7 +15,7 @@ from typing import NoReturn
 
 from jaxmnist.data import DATA_DIR_ENV, DataError, default_data_dir, load_mnist
 
-EXIT_TRAINING_DIVERGED = EXIT_FAILURE = 1
+EXIT_FAILURE = 1  # training diverged, or an unexpected fault
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 
@@ -143,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"error: {error}", file=sys.stderr)
-        return EXIT_TRAINING_DIVERGED if isinstance(error, DivergenceError) else EXIT_BAD_INPUT
+        return EXIT_FAILURE if isinstance(error, DivergenceError) else EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -198,10 +198,10 @@ def verify_content(path: Path, content: bytes, expected_sha256: str) -> None:
         pass
 
 
-def _download_missing(folder: Path, split: Split) -> None:
+def _download_missing(folder: Path, split: Split, missing: list[str]) -> None:
     from jaxmnist.download import DownloadError, download_mnist
 
-    names = [_FILE_STEMS[(split, kind)] + ".gz" for kind in ("images", "labels") if find_idx_file(folder, split, kind) is None]
+    names = [_FILE_STEMS[(split, kind)] + ".gz" for kind in missing]
     try:
         download_mnist(folder, names)
     except DownloadError as error:
@@ -234,10 +234,12 @@ def load_mnist(
     if source != "idx":
         raise ValueError(f"source must be 'idx' or 'tfds', got {source!r}")
     folder = resolve_data_dir(data_dir)
-    if download is not False and None in (find_idx_file(folder, split, "images"), find_idx_file(folder, split, "labels")):
-        _download_missing(folder, split)
-    images_path = find_idx_file(folder, split, "images")
-    labels_path = find_idx_file(folder, split, "labels")
+    paths = {kind: find_idx_file(folder, split, kind) for kind in ("images", "labels")}
+    missing = [kind for kind, path in paths.items() if path is None]
+    if missing and download is not False:
+        _download_missing(folder, split, missing)
+        paths = {kind: find_idx_file(folder, split, kind) for kind in ("images", "labels")}
+    images_path, labels_path = paths["images"], paths["labels"]
     if images_path is None or labels_path is None:
         raise DataError(missing_data_message(folder, split))
     images = read_images(images_path, CANONICAL_SHA256[(split, "images")] if verify else None)

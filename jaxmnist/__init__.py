@@ -17,24 +17,26 @@ _EXPORTS = {
     "train_epoch": "jaxmnist.train",
     "evaluate": "jaxmnist.train",
     "load_mnist": "jaxmnist.data",
-    "normalize": "jaxmnist.data",
+    "normalize": "jaxmnist.normalization",
     "cross_entropy_loss": "jaxmnist.losses",
     "nll_loss": "jaxmnist.losses",
     "mse_loss": "jaxmnist.losses",
     "accuracy": "jaxmnist.losses",
-    "TrainConfig": "jaxmnist.fit",
+    "TrainConfig": "jaxmnist.config",
     "fit": "jaxmnist.fit",
-    "train_steps": "jaxmnist.train",
+    "train_chunk": "jaxmnist.train",
 }
 
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on first use
-    from jaxmnist.data import load_mnist, normalize  # noqa: F401
-    from jaxmnist.fit import TrainConfig, fit  # noqa: F401
+    from jaxmnist.config import TrainConfig  # noqa: F401
+    from jaxmnist.data import load_mnist  # noqa: F401
+    from jaxmnist.fit import fit  # noqa: F401
     from jaxmnist.losses import accuracy, cross_entropy_loss, mse_loss, nll_loss  # noqa: F401
     from jaxmnist.model import MLP  # noqa: F401
-    from jaxmnist.train import TrainState, create_train_state, evaluate, train_epoch, train_step, train_steps  # noqa: F401
+    from jaxmnist.normalization import normalize  # noqa: F401
+    from jaxmnist.train import TrainState, create_train_state, evaluate, train_chunk, train_epoch, train_step  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

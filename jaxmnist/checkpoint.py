@@ -22,23 +22,16 @@ import jax
 import numpy as np
 from flax import serialization
 
-from jaxmnist.fit import RESUMABLE_CHANGES, Progress, TrainConfig, initial_state, run_keys
+from jaxmnist.config import RESUMABLE_CHANGES, TrainConfig, config_from_dict, config_to_dict, initial_state, run_keys
+from jaxmnist.fit import Progress
 
 FORMAT = "jaxmnist-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: the train state carries its collections and PRNG key
 _NAME = re.compile(r"^ckpt-(\d+)\.msgpack$")
 
 
 class CheckpointError(ValueError):
     """A checkpoint folder holds no checkpoint, a damaged one, or one of another configuration."""
-
-
-def config_to_dict(config: TrainConfig) -> dict[str, Any]:
-    return dataclasses.asdict(config)
-
-
-def config_from_dict(values: dict[str, Any]) -> TrainConfig:
-    return TrainConfig(**{**values, "hidden_sizes": tuple(values["hidden_sizes"])})
 
 
 def config_differences(saved: TrainConfig, current: TrainConfig) -> list[tuple[str, Any, Any]]:
@@ -158,13 +151,19 @@ def restore_progress(path: Path, config: TrainConfig) -> Progress:
 
 
 PARAMS_FORMAT = "jaxmnist-params"
+PARAMS_VERSION = 1
 
 
 def save_params(path: Path, config: TrainConfig, params: Any) -> Path:
     """Writes trained parameters for ``jaxmnist.predict``: msgpack (``flax.serialization``) of
     ``{"format": "jaxmnist-params", "version": 1, "config": <TrainConfig as JSON>, "params": <MLP params>}``,
     atomically."""
-    payload = {"format": PARAMS_FORMAT, "version": VERSION, "config": json.dumps(config_to_dict(config)), "params": params}
+    payload = {
+        "format": PARAMS_FORMAT,
+        "version": PARAMS_VERSION,
+        "config": json.dumps(config_to_dict(config)),
+        "params": params,
+    }
     _write_atomically(path, serialization.msgpack_serialize(jax.device_get(payload)))
     return path
 

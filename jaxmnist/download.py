@@ -61,7 +61,9 @@ def _fetch_once(url: str, destination: Path, expected_sha256: str, timeout: floa
         digest = hashlib.sha256()
         with os.fdopen(handle, "wb") as output, urllib.request.urlopen(url, timeout=timeout) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=destination.name, disable=not progress, leave=False) as bar:
+            with tqdm(
+                total=total, unit="B", unit_scale=True, desc=destination.name, disable=not progress, leave=False
+            ) as bar:
                 while chunk := response.read(_CHUNK_BYTES):
                     output.write(chunk)
                     digest.update(chunk)

@@ -13,51 +13,32 @@ import dataclasses
 import time
 from collections.abc import Iterator
 from functools import partial
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxmnist.data import normalize
-from jaxmnist.model import ACTIVATIONS, MLP
+from jaxmnist.config import TrainConfig, epoch_key, initial_state, run_keys
+from jaxmnist.normalization import normalize
 from jaxmnist.parallel import batch_sharded, padded_batch_width, replicate
 from jaxmnist.train import (
     TrainState,
-    create_train_state,
     epoch_batch_indices,
     evaluate,
     gather_batch,
     num_batches,
     param_dtype,
+    train_chunk,
     train_epoch,
     train_step,
-    train_steps,
-    train_steps_stepwise,
 )
+from jaxmnist.train.steps import Metrics
 
 ArrayPair = tuple[np.ndarray, np.ndarray]
 
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Everything that defines a run; the defaults are the lesson's."""
-
-    epochs: int = 5
-    batch_size: int = 64
-    learning_rate: float = 0.003
-    seed: int = 0
-    hidden_sizes: tuple[int, ...] = (128, 64)
-    activation: str = "relu"
-    weight_init: Literal["torch", "flax"] = "torch"
-    loss: Literal["nll", "ce"] = "nll"
-    loop: Literal["scan", "step"] = "scan"
-    dtype: Literal["float32", "float64"] = "float32"
-
-
-# Settings a run may change when it resumes another's checkpoint: they do not change the mathematics.
-RESUMABLE_CHANGES = frozenset({"epochs", "loop"})
+# A batch cross-entropy above this means the true class got probability below e^-1000: diverged.
+DEFAULT_MAX_LOSS = 1000.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,40 +89,9 @@ class DivergenceError(ArithmeticError):
     def __init__(self, epoch: int, step: int, loss: float):
         super().__init__(
             f"training diverged: the loss became {loss:.6g} at epoch {epoch}, step {step}; "
-            "try a lower learning rate (--lr; the lesson uses 0.003)"
+            "try a lower `learning_rate` (the lesson uses 0.003)"
         )
         self.epoch, self.step, self.loss = epoch, step, loss
-
-
-# A batch cross-entropy above this means the true class got probability below e^-1000: diverged.
-DEFAULT_MAX_LOSS = 1000.0
-
-
-def build_model(config: TrainConfig) -> MLP:
-    """The MLP that ``config`` describes."""
-    return MLP(
-        hidden_sizes=config.hidden_sizes,
-        activation=ACTIVATIONS[config.activation],
-        weight_init=config.weight_init,
-        param_dtype=jnp.dtype(config.dtype),
-    )
-
-
-def initial_state(config: TrainConfig) -> TrainState:
-    """The freshly initialized train state of a run."""
-    init_key, _ = run_keys(config.seed)
-    return create_train_state(init_key, build_model(config), learning_rate=config.learning_rate, loss=config.loss)
-
-
-def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
-    """The initialization key and the data-order key of a run, both derived from its seed."""
-    init_key, data_key = jax.random.split(jax.random.key(seed))
-    return init_key, data_key
-
-
-def epoch_key(data_key: jax.Array, epoch: int) -> jax.Array:
-    """The key of one epoch's shuffle (epochs count from 1): reproducible without replaying earlier ones."""
-    return jax.random.fold_in(data_key, epoch)
 
 
 def start_of_run(config: TrainConfig) -> Progress:
@@ -151,6 +101,89 @@ def start_of_run(config: TrainConfig) -> Progress:
 
 
 _batch_indices = jax.jit(epoch_batch_indices, static_argnums=(1, 2, 3))
+
+
+class _Programs:
+    """The run's compiled calls: a whole epoch, a chunk of steps, or one step at a time (``loop="step"``)."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        state: TrainState,
+        images: jax.Array,
+        labels: jax.Array,
+        chunk: int,
+        mesh: Mesh | None,
+    ):
+        if config.loop not in ("scan", "step"):
+            raise ValueError(f"`loop` must be 'scan' or 'step', got {config.loop!r}")
+        self.config, self.images, self.labels, self.chunk, self.mesh = config, images, labels, chunk, mesh
+        self.steps_per_epoch = num_batches(images.shape[0], config.batch_size)
+        self.width = padded_batch_width(config.batch_size, mesh)
+        first_key = epoch_key(run_keys(config.seed)[1], 1)
+        indices, mask = self.batch_indices(first_key)
+        started = time.perf_counter()
+        if config.loop == "step":
+            first_batch = self._batch(state, indices[0], mask[0])
+            self.step = train_step.lower(state, first_batch).compile()
+        elif chunk == self.steps_per_epoch:
+            self.epoch = train_epoch.lower(
+                state, images, labels, first_key, batch_size=config.batch_size, mesh=mesh
+            ).compile()
+        else:
+            self.chunk_call = train_chunk.lower(state, images, labels, indices, mask, 0, chunk, mesh).compile()
+        self.compile_seconds = time.perf_counter() - started
+
+    def batch_indices(self, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The epoch's batches, drawn once for all its calls."""
+        return _batch_indices(key, self.images.shape[0], self.config.batch_size, self.width)
+
+    def _batch(self, state: TrainState, indices: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+        batch = gather_batch(self.images, self.labels, indices, mask, param_dtype(state))
+        return batch if self.mesh is None else jax.device_put(batch, batch_sharded(self.mesh))
+
+    def run(
+        self,
+        state: TrainState,
+        key: jax.Array,
+        batches: tuple[jax.Array, jax.Array] | None,
+        first_step: int,
+        num_steps: int,
+    ) -> tuple[TrainState, Metrics]:
+        """Steps ``first_step ..`` of the epoch shuffled by ``key``; ``batches`` are its indices and mask."""
+        if self.config.loop == "step":
+            history = []
+            for step in range(first_step, first_step + num_steps):
+                state, metrics = self.step(state, self._batch(state, batches[0][step], batches[1][step]))
+                history.append(metrics)
+            return state, jax.tree.map(lambda *values: jnp.stack(values), *history)
+        if num_steps == self.steps_per_epoch:
+            return self.epoch(state, self.images, self.labels, key)
+        if num_steps == self.chunk:
+            return self.chunk_call(state, self.images, self.labels, *batches, first_step)
+        return train_chunk(state, self.images, self.labels, *batches, first_step, num_steps, self.mesh)
+
+
+def _check_divergence(losses: np.ndarray, max_loss: float, epoch: int, position: int) -> None:
+    diverged = ~(np.abs(losses) <= max_loss)  # NaN compares False: it counts as diverged
+    if diverged.any():
+        bad = int(np.argmax(diverged))
+        raise DivergenceError(epoch, position + bad + 1, float(losses[bad]))
+
+
+def _epoch_result(
+    progress: Progress, test_metrics: Metrics, seconds: float, compile_seconds: float, images_trained: int
+) -> EpochResult:
+    return EpochResult(
+        epoch=progress.epoch,
+        train_loss=float(np.mean(progress.step_losses, dtype=np.float64)),
+        train_accuracy=float(np.mean(progress.step_accuracies, dtype=np.float64)),
+        test_loss=float(test_metrics["loss"]),
+        test_accuracy=float(test_metrics["accuracy"]),
+        seconds=seconds,
+        compile_seconds=compile_seconds,
+        samples_per_second=images_trained / seconds,
+    )
 
 
 def fit(
@@ -164,99 +197,59 @@ def fit(
 ) -> Iterator[Progress]:
     """Trains from ``start`` (default: a fresh run) to the end of epoch ``config.epochs``.
 
-    Each epoch runs as one compiled call, or in calls of ``steps_per_call`` steps. Yields the
-    ``Progress`` after every call. Raises ``DivergenceError`` instead of yielding a call in which a
-    step's loss was not finite or above ``max_loss`` (checked once per call, no extra host sync).
-    With a ``mesh`` (``jaxmnist.parallel.make_mesh``), every batch is split over its devices.
+    Args:
+        config: the run's settings.
+        train_data: uint8 images ``(N, 28, 28)`` and int labels.
+        test_data: the same for evaluation after every epoch.
+        start: where to continue from (e.g. a restored checkpoint).
+        steps_per_call: run each epoch in compiled calls of this many steps (default: one call per epoch).
+        max_loss: a step whose loss is not finite or above this raises ``DivergenceError`` (checked once
+            per call, no extra host synchronisation); the call is not yielded.
+        mesh: a ``jaxmnist.parallel.make_mesh`` mesh to split every batch over its devices.
+
+    Yields:
+        The ``Progress`` after every compiled call; its ``result`` is set when an epoch ends.
+
+    Example:
+        >>> import numpy as np
+        >>> images, labels = np.zeros((64, 28, 28), np.uint8), np.arange(64) % 10
+        >>> [p.result.epoch for p in fit(TrainConfig(epochs=2), (images, labels), (images, labels))]
+        [1, 2]
     """
     progress = start_of_run(config) if start is None else start
     place = jax.device_put if mesh is None else partial(replicate, mesh=mesh)
     state = place(progress.state)
     images, labels, test_images, test_labels = place((*train_data, *test_data))
     test_images = normalize(test_images, param_dtype(state))
-    width = padded_batch_width(config.batch_size, mesh)
     steps_per_epoch = num_batches(len(train_data[0]), config.batch_size)
-    chunk = min(steps_per_call or steps_per_epoch, steps_per_epoch)
+    programs = _Programs(config, state, images, labels, min(steps_per_call or steps_per_epoch, steps_per_epoch), mesh)
+    compile_seconds = programs.compile_seconds
     data_key = run_keys(config.seed)[1]
-
-    started = time.perf_counter()
-    run_whole_epoch, run_steps = _compile(config, state, images, labels, chunk, mesh)
-    compile_seconds = time.perf_counter() - started
-
-    epoch, position = progress.epoch, progress.position
-    losses, accuracies = [progress.step_losses], [progress.step_accuracies]
-    epoch_seconds, steps_run, epoch_batches = 0.0, 0, None
-    while epoch <= config.epochs:
-        call_started = time.perf_counter()
-        # The compiled calls donate their input state; copy it so every yielded Progress stays valid.
-        state = jax.tree.map(jnp.copy, state)
-        key = epoch_key(data_key, epoch)
-        num_steps = min(chunk, steps_per_epoch - position)
-        if position == 0 and num_steps == steps_per_epoch and run_whole_epoch is not None:
-            state, metrics = run_whole_epoch(state, key)
-        else:
-            if epoch_batches is None:  # the epoch's permutation, drawn once for all its calls
-                epoch_batches = _batch_indices(key, len(train_data[0]), config.batch_size, width)
-            state, metrics = run_steps(state, *epoch_batches, position, num_steps)
-        call_losses = np.asarray(metrics["loss"])
-        epoch_seconds += time.perf_counter() - call_started
-        diverged = ~(np.abs(call_losses) <= max_loss)  # NaN compares False: it counts as diverged
-        if diverged.any():
-            bad = int(np.argmax(diverged))
-            raise DivergenceError(epoch, position + bad + 1, float(call_losses[bad]))
-        losses.append(call_losses)
-        accuracies.append(np.asarray(metrics["accuracy"]))
-        position += num_steps
-        steps_run += num_steps
-        step_losses, step_accuracies = np.concatenate(losses), np.concatenate(accuracies)
-        result = None
-        if position == steps_per_epoch:
-            test_metrics = evaluate(state, test_images, test_labels)
-            result = EpochResult(
-                epoch=epoch,
-                train_loss=float(np.mean(step_losses, dtype=np.float64)),
-                train_accuracy=float(np.mean(step_accuracies, dtype=np.float64)),
-                test_loss=float(test_metrics["loss"]),
-                test_accuracy=float(test_metrics["accuracy"]),
-                seconds=epoch_seconds,
-                compile_seconds=compile_seconds,
-                samples_per_second=min(steps_run * config.batch_size, len(train_data[0])) / epoch_seconds,
+    while progress.epoch <= config.epochs:
+        key = epoch_key(data_key, progress.epoch)
+        whole_epoch = config.loop == "scan" and progress.position == 0 and programs.chunk == steps_per_epoch
+        batches = None if whole_epoch else programs.batch_indices(key)
+        seconds, first_position = 0.0, progress.position
+        while progress.position < steps_per_epoch:
+            started = time.perf_counter()
+            num_steps = min(programs.chunk, steps_per_epoch - progress.position)
+            # The compiled calls donate their input state; copy it so every yielded Progress stays valid.
+            state, metrics = programs.run(jax.tree.map(jnp.copy, state), key, batches, progress.position, num_steps)
+            losses = np.asarray(metrics["loss"])
+            seconds += time.perf_counter() - started
+            _check_divergence(losses, max_loss, progress.epoch, progress.position)
+            progress = Progress(
+                state,
+                progress.epoch,
+                progress.position + num_steps,
+                np.concatenate([progress.step_losses, losses]),
+                np.concatenate([progress.step_accuracies, np.asarray(metrics["accuracy"])]),
             )
-        yield Progress(state, epoch, position, step_losses, step_accuracies, result)
-        if result is not None:
-            epoch, position, epoch_seconds, steps_run, compile_seconds = epoch + 1, 0, 0.0, 0, 0.0
-            losses, accuracies, epoch_batches = [], [], None
-
-
-def _compile(config: TrainConfig, state: TrainState, images: jax.Array, labels: jax.Array, chunk: int, mesh):
-    """Ahead-of-time compiled callables: the whole epoch (scan loop only) and a run of steps."""
-    first_key = epoch_key(run_keys(config.seed)[1], 1)
-    indices, mask = _batch_indices(first_key, images.shape[0], config.batch_size, padded_batch_width(config.batch_size, mesh))
-    if config.loop == "step":
-        first_batch = gather_batch(images, labels, indices[0], mask[0], param_dtype(state))
-        if mesh is not None:
-            first_batch = jax.device_put(first_batch, batch_sharded(mesh))
-        compiled_step = train_step.lower(state, first_batch).compile()
-        run_steps = partial(_stepwise, images=images, labels=labels, step_fn=compiled_step, mesh=mesh)
-        return None, run_steps
-    if config.loop != "scan":
-        raise ValueError(f"loop must be 'scan' or 'step', got {config.loop!r}")
-    steps_per_epoch = num_batches(images.shape[0], config.batch_size)
-    if chunk == steps_per_epoch:
-        compiled_epoch = train_epoch.lower(state, images, labels, first_key, batch_size=config.batch_size, mesh=mesh).compile()
-    else:
-        compiled_epoch = None
-        compiled_chunk = train_steps.lower(state, images, labels, indices, mask, 0, chunk, mesh).compile()
-
-    def run_steps(state, indices, mask, first_step, num_steps):
-        if compiled_epoch is None and num_steps == chunk:
-            return compiled_chunk(state, images, labels, indices, mask, first_step)
-        return train_steps(state, images, labels, indices, mask, first_step, num_steps, mesh)
-
-    if compiled_epoch is None:
-        return None, run_steps
-    return (lambda state, key: compiled_epoch(state, images, labels, key)), run_steps
-
-
-def _stepwise(state, indices, mask, first_step, num_steps, *, images, labels, step_fn, mesh):
-    return train_steps_stepwise(state, images, labels, indices, mask, first_step, num_steps, step_fn, mesh)
+            if progress.position == steps_per_epoch:
+                images_trained = min((steps_per_epoch - first_position) * config.batch_size, len(train_data[0]))
+                test_metrics = evaluate(state, test_images, test_labels)
+                result = _epoch_result(progress, test_metrics, seconds, compile_seconds, images_trained)
+                progress = dataclasses.replace(progress, result=result)
+                compile_seconds = 0.0
+            yield progress
+        progress = progress.continuation()

@@ -24,11 +24,15 @@ def make_mesh(num_devices: int | None = None, platform: str | None = None) -> Me
     try:
         devices = jax.devices(platform)
     except RuntimeError as error:
-        raise DeviceError(f"--platform {platform}: no such backend here ({str(error).splitlines()[0]})") from error
+        raise DeviceError(f"`platform`={platform}: no such backend here ({str(error).splitlines()[0]})") from error
     count = len(devices) if num_devices is None else num_devices
     if count > len(devices):
-        hint = " (for CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N makes N)" if devices[0].platform == "cpu" else ""
-        raise DeviceError(f"--devices {count}: only {len(devices)} {devices[0].platform} device(s) here{hint}")
+        hint = (
+            " (for CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N makes N)"
+            if devices[0].platform == "cpu"
+            else ""
+        )
+        raise DeviceError(f"`num_devices`={count}: only {len(devices)} {devices[0].platform} device(s) here{hint}")
     # Auto axes: XLA propagates the batch sharding from the annotations (jit's automatic partitioning).
     return jax.make_mesh((count,), (BATCH_AXIS,), axis_types=(AxisType.Auto,), devices=devices[:count])
 

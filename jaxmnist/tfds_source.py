@@ -17,11 +17,11 @@ import os
 
 import numpy as np
 
-from jaxmnist.data import IMAGE_SIZE, NUM_CLASSES, DataError
+from jaxmnist.idx import IMAGE_SIZE, NUM_CLASSES, DataError
 
 _HOW_TO_PREPARE = (
     "prepare it with `tfds build mnist` (needs TensorFlow, about 1.25 GB installed) or "
-    "`tfds.data_source('mnist', download=True)`, or use the IDX files instead (--source idx)"
+    "`tfds.data_source('mnist', download=True)`, or use the IDX files instead (`source`='idx')"
 )
 
 
@@ -43,7 +43,9 @@ def _as_lesson_arrays(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarra
     images = np.asarray(images, np.uint8).reshape(len(images), IMAGE_SIZE, IMAGE_SIZE)
     labels = np.asarray(labels)
     if len(images) != len(labels) or (labels.size and not 0 <= labels.min() <= labels.max() < NUM_CLASSES):
-        raise DataError(f"TFDS mnist gave {len(images)} images and {len(labels)} labels in {labels.min()}..{labels.max()}")
+        raise DataError(
+            f"TFDS mnist gave {len(images)} images and {len(labels)} labels in {labels.min()}..{labels.max()}"
+        )
     return images, labels.astype(np.int32)
 
 
@@ -82,7 +84,7 @@ def load_tfds(
     try:
         import tensorflow_datasets as tfds
     except ImportError as error:
-        raise DataError("--source tfds needs TensorFlow Datasets: pip install 'jaxmnist[tfds]'") from error
+        raise DataError("`source`='tfds' needs TensorFlow Datasets: pip install 'jaxmnist[tfds]'") from error
     folder = None if data_dir is None else os.fspath(data_dir)
     # TFDS warns through absl about folders it does not find; our error says it in one line.
     absl_logger = logging.getLogger("absl")

@@ -6,6 +6,7 @@ torch is imported inside the functions, so ``import jaxmnist`` never needs it (`
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -19,7 +20,7 @@ def lesson_model(hidden_sizes: Sequence[int] = (128, 64), log_softmax: bool = Tr
 
     sizes = (784, *hidden_sizes, 10)
     layers: list[nn.Module] = []
-    for index, (fan_in, fan_out) in enumerate(zip(sizes, sizes[1:])):
+    for index, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
         layers.append(nn.Linear(fan_in, fan_out))
         if index < len(sizes) - 2:
             layers.append(nn.ReLU())
@@ -102,7 +103,6 @@ def torch_accuracy(model: Any, images: np.ndarray, labels: np.ndarray) -> float:
     with torch.no_grad():
         logits = model(normalize_torch(images, dtype).reshape(len(images), -1))
     return float((logits.argmax(dim=1).numpy() == np.asarray(labels)).mean())
-
 
 
 def side_by_side_epoch(

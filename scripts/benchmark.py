@@ -40,8 +40,8 @@ def peak_rss_mib() -> float:
 def worker_jaxmnist(args: argparse.Namespace) -> dict:
     import jax
 
+    from jaxmnist.config import epoch_key, run_keys
     from jaxmnist.data import load_mnist
-    from jaxmnist.fit import epoch_key, run_keys
     from jaxmnist.train import create_train_state, train_epoch
 
     images, labels = (jax.device_put(array) for array in load_mnist("train", args.data_dir))
@@ -59,8 +59,12 @@ def worker_jaxmnist(args: argparse.Namespace) -> dict:
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - started)
     device = jax.devices()[0]
-    return {"epoch_seconds": times, "compile_seconds": compile_seconds,
-            "platform": device.platform, "device_kind": device.device_kind}
+    return {
+        "epoch_seconds": times,
+        "compile_seconds": compile_seconds,
+        "platform": device.platform,
+        "device_kind": device.device_kind,
+    }
 
 
 def _torch_data(args: argparse.Namespace):
@@ -182,16 +186,22 @@ def startup_checks(args: argparse.Namespace) -> dict:
     env = dict(os.environ)
     if args.data_dir:
         env["JAXMNIST_DATA_DIR"] = str(args.data_dir)
-    imports = [timed_command([sys.executable, "-c", "import jaxmnist, jaxmnist.train"], env)[0] for _ in range(args.repeats)]
+    imports = [
+        timed_command([sys.executable, "-c", "import jaxmnist, jaxmnist.train"], env)[0] for _ in range(args.repeats)
+    ]
     with tempfile.TemporaryDirectory() as cache:
         env["XDG_CACHE_HOME"] = cache
         one_epoch = [sys.executable, "-m", "jaxmnist.train", "--epochs", "1"]
         cold = timed_command(one_epoch, env)[0]
         warm = [timed_command(one_epoch, env)[0] for _ in range(args.repeats)]
-        five_epochs_seconds, five_epochs_rss = timed_command(one_epoch[:-1] + ["5"], env)
-    return {"import_seconds": statistics.median(imports), "cli_one_epoch_cold_seconds": cold,
-            "cli_one_epoch_warm_seconds": statistics.median(warm),
-            "cli_five_epochs_seconds": five_epochs_seconds, "cli_five_epochs_peak_rss_mib": five_epochs_rss}
+        five_epochs_seconds, five_epochs_rss = timed_command([*one_epoch[:-1], "5"], env)
+    return {
+        "import_seconds": statistics.median(imports),
+        "cli_one_epoch_cold_seconds": cold,
+        "cli_one_epoch_warm_seconds": statistics.median(warm),
+        "cli_five_epochs_seconds": five_epochs_seconds,
+        "cli_five_epochs_peak_rss_mib": five_epochs_rss,
+    }
 
 
 def has_torch() -> bool:
@@ -237,30 +247,52 @@ def main() -> int:
         seconds = statistics.median(t for run in results for t in run["epoch_seconds"])
         # Ratios are taken within each round (same machine state), then their median.
         ratios = [statistics.median(run["epoch_seconds"]) / ref for run, ref in zip(results, reference_per_round)]
-        rows.append({
-            "contender": label,
-            "epoch_seconds": seconds,
-            "samples_per_second": 60000 / seconds,
-            "times_jaxmnist": statistics.median(ratios),
-            "times_jaxmnist_per_round": ratios,
-            "compile_seconds": statistics.median(run["compile_seconds"] for run in results) if "compile_seconds" in results[0] else None,
-            "peak_rss_mib": max(run["peak_rss_mib"] for run in results),
-            "note": "torchvision emulated" if results[0].get("emulated_torchvision") else "",
-        })
-    report = {"platform": first["platform"], "device_kind": first["device_kind"], "machine": platform.machine(),
-              "cpu_count": os.cpu_count(), "repeats": args.repeats, "epochs_per_run": args.epochs,
-              "rows": rows, "startup": startup, "runs": runs}
+        rows.append(
+            {
+                "contender": label,
+                "epoch_seconds": seconds,
+                "samples_per_second": 60000 / seconds,
+                "times_jaxmnist": statistics.median(ratios),
+                "times_jaxmnist_per_round": ratios,
+                "compile_seconds": statistics.median(run["compile_seconds"] for run in results)
+                if "compile_seconds" in results[0]
+                else None,
+                "peak_rss_mib": max(run["peak_rss_mib"] for run in results),
+                "note": "torchvision emulated" if results[0].get("emulated_torchvision") else "",
+            }
+        )
+    report = {
+        "platform": first["platform"],
+        "device_kind": first["device_kind"],
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "repeats": args.repeats,
+        "epochs_per_run": args.epochs,
+        "rows": rows,
+        "startup": startup,
+        "runs": runs,
+    }
 
-    print(f"\njaxmnist benchmark on {first['platform']} ({first['device_kind']}), {os.cpu_count()} CPU cores, "
-          f"median of {args.repeats} rounds x {args.epochs} epochs")
-    print(f"{'contender':<22} {'s/epoch':>8} {'images/s':>10} {'x jaxmnist':>10} {'compile s':>9} {'peak RSS MiB':>12}  (x jaxmnist: median of per-round ratios)")
+    print(
+        f"\njaxmnist benchmark on {first['platform']} ({first['device_kind']}), {os.cpu_count()} CPU cores, "
+        f"median of {args.repeats} rounds x {args.epochs} epochs"
+    )
+    print(
+        f"{'contender':<22} {'s/epoch':>8} {'images/s':>10} {'x jaxmnist':>10} {'compile s':>9} {'peak RSS MiB':>12}"
+        "  (x jaxmnist: median of per-round ratios)"
+    )
     for row in rows:
         compile_text = f"{row['compile_seconds']:.2f}" if row["compile_seconds"] is not None else "-"
-        print(f"{row['contender']:<22} {row['epoch_seconds']:>8.3f} {row['samples_per_second']:>10,.0f} "
-              f"{row['times_jaxmnist']:>10.1f} {compile_text:>9} {row['peak_rss_mib']:>12.0f}  {row['note']}")
-    print(f"\nimport jaxmnist: {startup['import_seconds']:.2f} s; python -m jaxmnist.train --epochs 1: "
-          f"{startup['cli_one_epoch_cold_seconds']:.2f} s cold cache, {startup['cli_one_epoch_warm_seconds']:.2f} s warm; "
-          f"5 epochs: {startup['cli_five_epochs_seconds']:.2f} s, peak RSS {startup['cli_five_epochs_peak_rss_mib']:.0f} MiB")
+        print(
+            f"{row['contender']:<22} {row['epoch_seconds']:>8.3f} {row['samples_per_second']:>10,.0f} "
+            f"{row['times_jaxmnist']:>10.1f} {compile_text:>9} {row['peak_rss_mib']:>12.0f}  {row['note']}"
+        )
+    print(
+        f"\nimport jaxmnist: {startup['import_seconds']:.2f} s; python -m jaxmnist.train --epochs 1: "
+        f"{startup['cli_one_epoch_cold_seconds']:.2f} s cold cache, "
+        f"{startup['cli_one_epoch_warm_seconds']:.2f} s warm; 5 epochs: {startup['cli_five_epochs_seconds']:.2f} s, "
+        f"peak RSS {startup['cli_five_epochs_peak_rss_mib']:.0f} MiB"
+    )
     args.json.write_text(json.dumps(report, indent=1))
     print(f"wrote {args.json}")
     return 0

@@ -31,11 +31,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=1, help="epochs to compare (default 1)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--loss", choices=("nll", "ce"), default="nll", help="LogSoftmax+NLLLoss or CrossEntropyLoss")
-    parser.add_argument("--seed", type=int, default=0, help="torch.manual_seed of the initial weights and the jax shuffle seed")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="torch.manual_seed of the initial weights and the jax shuffle seed"
+    )
     parser.add_argument("--lr", type=float, default=0.003)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--data-dir", type=Path, default=None, help="MNIST folder (default: $JAXMNIST_DATA_DIR)")
-    parser.add_argument("--seeds", type=int, default=0, help="distribution mode: train jaxmnist's default run on this many seeds")
+    parser.add_argument(
+        "--seeds", type=int, default=0, help="distribution mode: train jaxmnist's default run on this many seeds"
+    )
     parser.add_argument("--json", type=Path, default=Path("compare_pytorch.json"), help="report file")
     parser.add_argument("--png", type=Path, default=Path("compare_pytorch.png"), help="loss-curve plot")
     return parser.parse_args()
@@ -50,10 +54,11 @@ def compare(args: argparse.Namespace) -> dict:
     import jax.numpy as jnp
     import torch
 
-    from jaxmnist.data import load_mnist, normalize
-    from jaxmnist.fit import epoch_key, run_keys
+    from jaxmnist.config import epoch_key, run_keys
+    from jaxmnist.data import load_mnist
     from jaxmnist.lesson import PUBLISHED_LOSSES
     from jaxmnist.model import MLP
+    from jaxmnist.normalization import normalize
     from jaxmnist.torch_compat import lesson_model, params_from_torch, side_by_side_epoch, torch_accuracy
     from jaxmnist.train import create_train_state, evaluate
 
@@ -64,7 +69,10 @@ def compare(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     model = lesson_model(log_softmax=(args.loss == "nll")).to(getattr(torch, args.dtype))
     state = create_train_state(
-        jax.random.key(0), MLP(param_dtype=dtype), learning_rate=args.lr, loss=args.loss,
+        jax.random.key(0),
+        MLP(param_dtype=dtype),
+        learning_rate=args.lr,
+        loss=args.loss,
         params=params_from_torch(model.state_dict()),
     )
     images, labels = jax.device_put(train_images), jax.device_put(train_labels)
@@ -92,14 +100,14 @@ def compare(args: argparse.Namespace) -> dict:
         "dtype": args.dtype,
         "loss": args.loss,
         "seed": args.seed,
-        "steps": int(len(ours)),
+        "steps": len(ours),
         "max_abs_step_difference": float(np.max(np.abs(ours - theirs))),
         "max_rel_step_difference": float(relative.max()),
         f"max_rel_step_difference_first_{STEPS_COMPARED_IN_FLOAT32}": float(relative[first].max()),
         "max_rel_step_difference_per_epoch": [float(r.max()) for r in np.split(relative, args.epochs)],
         "epoch_losses": {
-            "jaxmnist": [float(l.mean()) for l in jax_losses],
-            "pytorch": [float(l.mean()) for l in torch_losses],
+            "jaxmnist": [float(losses.mean()) for losses in jax_losses],
+            "pytorch": [float(losses.mean()) for losses in torch_losses],
             "published": list(PUBLISHED_LOSSES[: args.epochs]),
         },
         "max_abs_parameter_difference": parameter_difference,
@@ -115,8 +123,10 @@ def compare(args: argparse.Namespace) -> dict:
 def print_parity(report: dict) -> None:
     first = f"max_rel_step_difference_first_{STEPS_COMPARED_IN_FLOAT32}"
     print(f"\n{report['steps']} steps in {report['dtype']}, {report['loss']} loss, seed {report['seed']}")
-    print(f"  largest per-step loss difference: {report['max_abs_step_difference']:.3e} absolute, "
-          f"{report['max_rel_step_difference']:.3e} relative")
+    print(
+        f"  largest per-step loss difference: {report['max_abs_step_difference']:.3e} absolute, "
+        f"{report['max_rel_step_difference']:.3e} relative"
+    )
     print(f"  largest relative difference over the first {STEPS_COMPARED_IN_FLOAT32} steps: {report[first]:.3e}")
     print(f"  largest parameter difference at the end: {report['max_abs_parameter_difference']:.3e}")
     losses = report["epoch_losses"]
@@ -155,8 +165,9 @@ def plot(report: dict, path: Path) -> None:
 
 
 def distribution(args: argparse.Namespace) -> dict:
+    from jaxmnist.config import TrainConfig
     from jaxmnist.data import load_mnist
-    from jaxmnist.fit import TrainConfig, fit
+    from jaxmnist.fit import fit
     from jaxmnist.lesson import PYTORCH_LOSS_BAND, PYTORCH_TEST_ACCURACY
 
     train_data, test_data = load_mnist("train", args.data_dir), load_mnist("test", args.data_dir)
@@ -165,16 +176,23 @@ def distribution(args: argparse.Namespace) -> dict:
         results = [progress.result for progress in fit(TrainConfig(seed=seed), train_data, test_data)]
         losses.append([result.train_loss for result in results])
         accuracies.append(results[-1].test_accuracy)
-        print(f"seed {seed}: " + "  ".join(f"{loss:.4f}" for loss in losses[-1]) + f"  accuracy {accuracies[-1]:.4f}", flush=True)
+        print(
+            f"seed {seed}: " + "  ".join(f"{loss:.4f}" for loss in losses[-1]) + f"  accuracy {accuracies[-1]:.4f}",
+            flush=True,
+        )
     losses_array = np.array(losses)
     print(f"\njaxmnist, {args.seeds} seeds, beside PyTorch's 100-seed band (jaxmnist/lesson.py)")
     print("epoch  jaxmnist mean  [min, max]          PyTorch mean ± std    [min, max]         z of our mean")
     for epoch, (column, (mean, std, low, high)) in enumerate(zip(losses_array.T, PYTORCH_LOSS_BAND), start=1):
-        print(f"{epoch:>5}  {column.mean():.4f}         [{column.min():.4f}, {column.max():.4f}]    "
-              f"{mean:.4f} ± {std:.4f}       [{low:.4f}, {high:.4f}]   {(column.mean() - mean) / std:+.2f}")
+        print(
+            f"{epoch:>5}  {column.mean():.4f}         [{column.min():.4f}, {column.max():.4f}]    "
+            f"{mean:.4f} ± {std:.4f}       [{low:.4f}, {high:.4f}]   {(column.mean() - mean) / std:+.2f}"
+        )
     mean, low, high = PYTORCH_TEST_ACCURACY
-    print(f"test accuracy: jaxmnist mean {np.mean(accuracies):.4f} [{min(accuracies):.4f}, {max(accuracies):.4f}]; "
-          f"PyTorch mean {mean:.4f} [{low:.4f}, {high:.4f}]")
+    print(
+        f"test accuracy: jaxmnist mean {np.mean(accuracies):.4f} [{min(accuracies):.4f}, {max(accuracies):.4f}]; "
+        f"PyTorch mean {mean:.4f} [{low:.4f}, {high:.4f}]"
+    )
     return {"seeds": args.seeds, "epoch_losses": losses, "test_accuracy": accuracies}
 
 

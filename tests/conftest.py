@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxmnist.data import DATA_DIR_ENV, write_mnist
+from jaxmnist.data import write_mnist
+from jaxmnist.paths import DATA_DIR_ENV
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
@@ -47,3 +48,26 @@ def real_mnist_dir() -> Path:
     if not folder or not Path(folder).is_dir():
         pytest.skip(f"real MNIST not available: set {DATA_DIR_ENV} to the folder of the IDX files")
     return Path(folder)
+
+
+def step_loop(state, images, labels, indices, mask, first_step: int = 0, num_steps: int | None = None, step_fn=None):
+    """Reference loop: the batches of ``indices``/``mask``, one jitted ``train_step`` call each."""
+    import jax.numpy as jnp
+
+    from jaxmnist.train import gather_batch, param_dtype, train_step
+
+    step_fn = train_step if step_fn is None else step_fn
+    last_step = len(indices) if num_steps is None else first_step + num_steps
+    history = []
+    for step in range(first_step, last_step):
+        state, metrics = step_fn(state, gather_batch(images, labels, indices[step], mask[step], param_dtype(state)))
+        history.append(metrics)
+    return state, jax.tree.map(lambda *values: jnp.stack(values), *history)
+
+
+def epoch_step_loop(state, images, labels, key, batch_size: int = 64, step_fn=None):
+    """Reference loop: the same epoch as ``train_epoch`` (same batches, same math), one step per call."""
+    from jaxmnist.train import epoch_batch_indices
+
+    indices, mask = epoch_batch_indices(key, images.shape[0], batch_size)
+    return step_loop(state, images, labels, indices, mask, step_fn=step_fn)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxmnist import backprop
-from jaxmnist.backprop_cli import main
+from jaxmnist.commands.backprop import main
 from jaxmnist.losses import log_softmax_nll_loss
 from jaxmnist.model import MLP
 from jaxmnist.train import create_train_state
@@ -91,7 +91,10 @@ def test_a_small_sgd_update_lowers_the_loss(loss: str):
     chex.assert_trees_all_equal_shapes_and_dtypes(updated, params)
     assert float(backprop.forward(updated, inputs, labels, loss)["loss"]) < float(before)
     np.testing.assert_allclose(
-        updated["W2"], params["W2"] - 0.01 * backprop.manual_grads(params, inputs, labels, loss)["W2"], rtol=1e-5, atol=1e-7
+        updated["W2"],
+        params["W2"] - 0.01 * backprop.manual_grads(params, inputs, labels, loss)["W2"],
+        rtol=1e-5,
+        atol=1e-7,
     )
 
 
@@ -116,7 +119,10 @@ def test_walk_through_prints_agreeing_methods(tiny_mnist_dir, capsys: pytest.Cap
     assert main(["--data-dir", str(tiny_mnist_dir), "--no-verify", "--hidden", "16", "--batch-size", "8"]) == 0
     output = capsys.readouterr().out
     assert "dl/dW1" in output and "(784, 16)" in output
-    differences = [float(value) for value in re.findall(r"vs jax\.grad (?:of the flax model, largest difference )?([0-9.e+-]+[0-9])", output)]
+    differences = [
+        float(value)
+        for value in re.findall(r"vs jax\.grad (?:of the flax model, largest difference )?([0-9.e+-]+[0-9])", output)
+    ]
     assert len(differences) == 3 and max(differences) < 1e-5
 
 

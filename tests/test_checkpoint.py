@@ -17,9 +17,10 @@ from flax import serialization
 
 from jaxmnist import checkpoint
 from jaxmnist.checkpoint import CheckpointError, latest_checkpoint, restore_progress, save_checkpoint
-from jaxmnist.cli import main
+from jaxmnist.commands.train import main
+from jaxmnist.config import TrainConfig
 from jaxmnist.data import write_mnist
-from jaxmnist.fit import DivergenceError, TrainConfig, fit
+from jaxmnist.fit import DivergenceError, fit
 
 from conftest import make_digits
 
@@ -81,8 +82,13 @@ def test_only_the_newest_k_checkpoints_are_kept(small_data, tmp_path: Path):
 
 @pytest.mark.parametrize(
     "change, named",
-    [({"hidden_sizes": (32,)}, "hidden_sizes"), ({"batch_size": 16}, "batch_size"), ({"seed": 1}, "seed"),
-     ({"learning_rate": 0.1}, "learning_rate"), ({"dtype": "float64"}, "dtype")],
+    [
+        ({"hidden_sizes": (32,)}, "hidden_sizes"),
+        ({"batch_size": 16}, "batch_size"),
+        ({"seed": 1}, "seed"),
+        ({"learning_rate": 0.1}, "learning_rate"),
+        ({"dtype": "float64"}, "dtype"),
+    ],
 )
 def test_resuming_with_another_configuration_is_refused_naming_the_setting(small_data, tmp_path, change, named):
     path = save_checkpoint(tmp_path, SMALL, next(iter(fit(SMALL, *small_data))))
@@ -93,7 +99,11 @@ def test_resuming_with_another_configuration_is_refused_naming_the_setting(small
 
 @pytest.mark.parametrize(
     "content, fault",
-    [(b"", "damaged"), (b"garbage\n", "damaged"), (serialization.msgpack_serialize({"format": "other"}), "not a jaxmnist")],
+    [
+        (b"", "damaged"),
+        (b"garbage\n", "damaged"),
+        (serialization.msgpack_serialize({"format": "other"}), "not a jaxmnist"),
+    ],
 )
 def test_damaged_checkpoint_is_a_clear_error(tmp_path: Path, content: bytes, fault: str):
     (tmp_path / "ckpt-00000005.msgpack").write_bytes(content)
@@ -123,12 +133,13 @@ def test_divergence_stops_naming_epoch_and_step_before_yielding_it(small_data):
         for progress in fit(config, *small_data, steps_per_call=1):
             seen.append(progress)
     assert error.value.epoch == 1 and error.value.step == len(seen) + 1
-    assert "--lr" in str(error.value)
+    assert "`learning_rate`" in str(error.value)
     for progress in seen:
         chex.assert_tree_all_finite(progress.state.params)
 
 
 # The command line, end to end.
+
 
 @pytest.fixture(scope="module")
 def cli_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -139,9 +150,25 @@ def cli_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _train_command(cli_data: Path, checkpoint_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "jaxmnist.train", "--data-dir", str(cli_data), "--no-verify", "--epochs", "3",
-            "--batch-size", "4", "--loop", "step", "--checkpoint-dir", str(checkpoint_dir),
-            "--checkpoint-every", "20", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "jaxmnist.train",
+        "--data-dir",
+        str(cli_data),
+        "--no-verify",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "4",
+        "--loop",
+        "step",
+        "--checkpoint-dir",
+        str(checkpoint_dir),
+        "--checkpoint-every",
+        "20",
+        *extra,
+    ]
 
 
 def _wait_for_checkpoints(folder: Path, count: int, process: subprocess.Popen, timeout: float = 120) -> bool:
@@ -163,14 +190,18 @@ def test_sigkill_at_random_moments_then_resume_gives_bit_identical_parameters(cl
     kills = 0
     for _ in range(4):
         extra = ["--resume"] if checkpoint.checkpoint_paths(interrupted_dir) else []
-        process = subprocess.Popen(_train_command(cli_data, interrupted_dir, *extra), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            _train_command(cli_data, interrupted_dir, *extra), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         before = len(checkpoint.checkpoint_paths(interrupted_dir))
         if _wait_for_checkpoints(interrupted_dir, min(before + 1, 3), process):
             time.sleep(rng.uniform(0, 0.3))
             process.send_signal(signal.SIGKILL)
         kills += process.wait(timeout=300) == -signal.SIGKILL
     assert kills >= 2, "the runs ended before they could be killed"
-    finish = subprocess.run(_train_command(cli_data, interrupted_dir, "--resume"), capture_output=True, text=True, timeout=300)
+    finish = subprocess.run(
+        _train_command(cli_data, interrupted_dir, "--resume"), capture_output=True, text=True, timeout=300
+    )
     assert finish.returncode == 0, finish.stderr
     final = latest_checkpoint(interrupted_dir)
     assert final.name == reference.name
@@ -180,7 +211,9 @@ def test_sigkill_at_random_moments_then_resume_gives_bit_identical_parameters(cl
 
 @pytest.mark.parametrize("sent, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_stops_at_a_step_boundary_saves_and_says_how_to_resume(cli_data: Path, tmp_path: Path, sent, code):
-    process = subprocess.Popen(_train_command(cli_data, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        _train_command(cli_data, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     assert _wait_for_checkpoints(tmp_path, 1, process)
     process.send_signal(sent)
     _, stderr = process.communicate(timeout=120)
@@ -191,8 +224,22 @@ def test_signal_stops_at_a_step_boundary_saves_and_says_how_to_resume(cli_data: 
 
 
 def test_cli_divergence_is_one_line_and_keeps_the_last_finite_checkpoint(cli_data: Path, tmp_path: Path, capsys):
-    code = main(["--data-dir", str(cli_data), "--no-verify", "--no-compile-cache", "--lr", "10000", "--batch-size", "4",
-                 "--checkpoint-dir", str(tmp_path), "--checkpoint-every", "1"])
+    code = main(
+        [
+            "--data-dir",
+            str(cli_data),
+            "--no-verify",
+            "--no-compile-cache",
+            "--lr",
+            "10000",
+            "--batch-size",
+            "4",
+            "--checkpoint-dir",
+            str(tmp_path),
+            "--checkpoint-every",
+            "1",
+        ]
+    )
     assert code == 1
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "epoch 1, step" in error and "--lr" in error

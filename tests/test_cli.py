@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from jaxmnist.cli import main
+from jaxmnist.commands.train import main
 from jaxmnist.lesson import PYTORCH_LOSS_BAND, PYTORCH_TEST_ACCURACY
-
 
 
 def _training_losses(output: str) -> list[float]:
@@ -20,13 +19,26 @@ def _training_losses(output: str) -> list[float]:
 def _run_module(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "jaxmnist.train", *args],
-        capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
     )
 
 
 def test_module_trains_end_to_end_on_a_small_idx_data_set(tiny_mnist_dir: Path, tmp_path: Path):
-    result = _run_module("--epochs", "3", "--batch-size", "32", "--lr", "0.05", "--data-dir", str(tiny_mnist_dir), "--no-verify",
-                         env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    result = _run_module(
+        "--epochs",
+        "3",
+        "--batch-size",
+        "32",
+        "--lr",
+        "0.05",
+        "--data-dir",
+        str(tiny_mnist_dir),
+        "--no-verify",
+        env={"XDG_CACHE_HOME": str(tmp_path / "cache")},
+    )
     assert result.returncode == 0, result.stderr
     losses = _training_losses(result.stdout)
     assert len(losses) == 3 and losses[2] < losses[0]
@@ -38,7 +50,16 @@ def test_module_trains_end_to_end_on_a_small_idx_data_set(tiny_mnist_dir: Path, 
 
 
 def test_step_loop_prints_the_same_losses_as_the_scan(tiny_mnist_dir: Path, capsys: pytest.CaptureFixture):
-    common = ["--epochs", "2", "--batch-size", "64", "--data-dir", str(tiny_mnist_dir), "--no-verify", "--no-compile-cache"]
+    common = [
+        "--epochs",
+        "2",
+        "--batch-size",
+        "64",
+        "--data-dir",
+        str(tiny_mnist_dir),
+        "--no-verify",
+        "--no-compile-cache",
+    ]
     assert main([*common, "--loop", "scan"]) == 0
     scanned = _training_losses(capsys.readouterr().out)
     assert main([*common, "--loop", "step"]) == 0
@@ -108,7 +129,14 @@ def test_readme_quick_start_on_real_mnist_lands_in_the_pytorch_band(real_mnist_d
 
 
 def test_no_compile_cache_leaves_the_cache_folder_alone(tiny_mnist_dir: Path, tmp_path: Path):
-    result = _run_module("--epochs", "1", "--data-dir", str(tiny_mnist_dir), "--no-verify", "--no-compile-cache",
-                         env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    result = _run_module(
+        "--epochs",
+        "1",
+        "--data-dir",
+        str(tiny_mnist_dir),
+        "--no-verify",
+        "--no-compile-cache",
+        env={"XDG_CACHE_HOME": str(tmp_path / "cache")},
+    )
     assert result.returncode == 0, result.stderr
     assert not (tmp_path / "cache" / "jaxmnist" / "xla-cache").exists()

@@ -11,8 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxmnist import data
-from jaxmnist.data import DataError, load_mnist, normalize, write_idx
+from jaxmnist import data, paths
+from jaxmnist.data import load_mnist
+from jaxmnist.idx import DataError, write_idx
+from jaxmnist.normalization import normalize
 
 
 def _idx_bytes(magic: int, dims: tuple[int, ...], payload: bytes) -> bytes:
@@ -49,17 +51,17 @@ def test_finds_files_in_every_spelling_and_layout(tmp_path: Path, dotted: bool, 
 
 def test_data_dir_argument_beats_environment_beats_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
-    assert data.resolve_data_dir() == tmp_path / "xdg" / "jaxmnist"
-    monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path / "env"))
-    assert data.resolve_data_dir() == tmp_path / "env"
-    assert data.resolve_data_dir(tmp_path / "arg") == tmp_path / "arg"
+    monkeypatch.delenv(paths.DATA_DIR_ENV, raising=False)
+    assert paths.resolve_data_dir() == tmp_path / "xdg" / "jaxmnist"
+    monkeypatch.setenv(paths.DATA_DIR_ENV, str(tmp_path / "env"))
+    assert paths.resolve_data_dir() == tmp_path / "env"
+    assert paths.resolve_data_dir(tmp_path / "arg") == tmp_path / "arg"
 
 
 def test_default_cache_is_home_cache_without_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert data.default_data_dir() == tmp_path / ".cache" / "jaxmnist"
+    assert paths.default_data_dir() == tmp_path / ".cache" / "jaxmnist"
 
 
 def test_missing_data_says_where_it_looked_and_what_to_do(tmp_path: Path):
@@ -67,7 +69,7 @@ def test_missing_data_says_where_it_looked_and_what_to_do(tmp_path: Path):
         load_mnist("train", tmp_path, download=False, verify=False)
     message = str(error.value)
     assert str(tmp_path) in message and str(tmp_path / "MNIST" / "raw") in message
-    assert "--data-dir" in message and data.DATA_DIR_ENV in message
+    assert "`data_dir`=FOLDER" in message and paths.DATA_DIR_ENV in message
 
 
 def _corrupt(tmp_path: Path, name: str, content: bytes) -> Path:
@@ -108,7 +110,7 @@ def test_unreadable_file_is_a_data_error(tmp_path: Path, monkeypatch: pytest.Mon
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(Path, "read_bytes", refuse)
-    with pytest.raises(DataError, match="cannot read file.*Permission denied"):
+    with pytest.raises(DataError, match=r"cannot read file.*Permission denied"):
         load_mnist("train", tmp_path, download=False, verify=False)
 
 
@@ -133,9 +135,13 @@ def test_normalize_is_the_lessons_transform_and_jittable():
 def test_real_mnist_matches_its_published_facts(real_mnist_dir: Path):
     train_images, train_labels = load_mnist("train", real_mnist_dir)
     test_images, test_labels = load_mnist("test", real_mnist_dir)
-    chex.assert_shape([train_images, train_labels, test_images, test_labels], [(60000, 28, 28), (60000,), (10000, 28, 28), (10000,)])
+    chex.assert_shape(
+        [train_images, train_labels, test_images, test_labels], [(60000, 28, 28), (60000,), (10000, 28, 28), (10000,)]
+    )
     np.testing.assert_array_equal(train_labels[:10], [5, 0, 4, 1, 9, 2, 1, 3, 1, 4])
-    np.testing.assert_array_equal(np.bincount(train_labels), [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949])
+    np.testing.assert_array_equal(
+        np.bincount(train_labels), [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    )
     np.testing.assert_array_equal(np.bincount(test_labels), [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009])
     scaled = train_images / 255.0
     assert abs(scaled.mean() - 0.1307) < 1e-4 and abs(scaled.std() - 0.3081) < 1e-4

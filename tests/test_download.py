@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxmnist import data, download
-from jaxmnist.data import DataError, load_mnist, write_mnist
+from jaxmnist import download, idx
+from jaxmnist.data import load_mnist, write_mnist
 from jaxmnist.download import DownloadError, download_file, download_mnist
+from jaxmnist.idx import DataError
 
 from conftest import make_digits
 
@@ -25,7 +26,7 @@ from conftest import make_digits
 class MirrorHandler(http.server.BaseHTTPRequestHandler):
     """Serves ``server.files``; ``server.behaviour`` can make it lie, truncate, stall or fail first."""
 
-    def do_GET(self):  # noqa: N802 (the http.server API)
+    def do_GET(self):
         self.server.requests.append(self.path)
         name = self.path.rsplit("/", 1)[-1]
         behaviour = self.server.behaviour
@@ -61,7 +62,9 @@ def mirror(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[http.ser
     server.files = {path.name: path.read_bytes() for path in source.iterdir()}
     server.behaviour = "normal"
     server.requests = []
-    monkeypatch.setattr(download, "MIRROR_SHA256", {name: hashlib.sha256(body).hexdigest() for name, body in server.files.items()})
+    monkeypatch.setattr(
+        download, "MIRROR_SHA256", {name: hashlib.sha256(body).hexdigest() for name, body in server.files.items()}
+    )
     monkeypatch.setenv("JAXMNIST_MIRROR", f"http://127.0.0.1:{server.server_port}/mnist/")
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -80,7 +83,7 @@ def test_download_fetches_all_four_files_and_load_reads_them(mirror, tmp_path: P
     assert _leftovers(cache) == sorted(download.MIRROR_SHA256)
     for path in paths:
         assert path.read_bytes() == mirror.files[path.name]
-    images, labels = load_mnist("train", cache, verify=False)
+    images, _labels = load_mnist("train", cache, verify=False)
     np.testing.assert_array_equal(images, make_digits(50, seed=4)[0])
 
 
@@ -88,7 +91,7 @@ def test_load_mnist_downloads_only_what_is_missing(mirror, tmp_path: Path):
     folder = tmp_path / "data"
     write_mnist(folder, "train", *make_digits(50, seed=4))
     (folder / "train-labels-idx1-ubyte.gz").unlink()
-    images, labels = load_mnist("train", folder, verify=False)
+    _images, labels = load_mnist("train", folder, verify=False)
     assert mirror.requests == ["/mnist/train-labels-idx1-ubyte.gz"]
     assert labels.shape == (50,)
 
@@ -105,7 +108,7 @@ def test_damaged_download_leaves_nothing_behind(mirror, tmp_path: Path, behaviou
 def test_server_down_fails_fast_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("JAXMNIST_MIRROR", "http://127.0.0.1:9/")
     started = time.perf_counter()
-    with pytest.raises(DataError, match="Downloading them failed.*could not download"):
+    with pytest.raises(DataError, match=r"Downloading them failed.*could not download"):
         load_mnist("test", tmp_path / "cache")
     assert time.perf_counter() - started < 5
     assert _leftovers(tmp_path / "cache") == []
@@ -116,8 +119,14 @@ def test_slow_server_times_out_within_the_bounded_retries(mirror, tmp_path: Path
     (tmp_path / "out").mkdir()
     started = time.perf_counter()
     with pytest.raises(DownloadError, match="timed out"):
-        download_file(f"http://127.0.0.1:{mirror.server_port}/t10k-labels-idx1-ubyte.gz", tmp_path / "out" / "labels.gz",
-                      download.MIRROR_SHA256["t10k-labels-idx1-ubyte.gz"], timeout=0.5, retries=1, progress=False)
+        download_file(
+            f"http://127.0.0.1:{mirror.server_port}/t10k-labels-idx1-ubyte.gz",
+            tmp_path / "out" / "labels.gz",
+            download.MIRROR_SHA256["t10k-labels-idx1-ubyte.gz"],
+            timeout=0.5,
+            retries=1,
+            progress=False,
+        )
     assert time.perf_counter() - started < 5
     assert len(mirror.requests) == 2
     assert _leftovers(tmp_path / "out") == []
@@ -129,7 +138,9 @@ def test_a_server_error_is_retried_and_a_missing_file_is_not(mirror, tmp_path: P
     assert len(mirror.requests) == 2
     mirror.requests.clear()
     with pytest.raises(DownloadError, match="404"):
-        download_file(f"http://127.0.0.1:{mirror.server_port}/nothing.gz", tmp_path / "cache" / "x.gz", "0" * 64, progress=False)
+        download_file(
+            f"http://127.0.0.1:{mirror.server_port}/nothing.gz", tmp_path / "cache" / "x.gz", "0" * 64, progress=False
+        )
     assert len(mirror.requests) == 1
 
 
@@ -139,9 +150,13 @@ def test_no_download_reports_missing_files_without_a_request(mirror, tmp_path: P
     assert mirror.requests == []
 
 
-def test_downloaded_real_files_pass_verification(real_mnist_dir: Path, mirror, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_downloaded_real_files_pass_verification(
+    real_mnist_dir: Path, mirror, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     mirror.files = {path.name: path.read_bytes() for path in real_mnist_dir.glob("*.gz")}
-    monkeypatch.setattr(download, "MIRROR_SHA256", {name: hashlib.sha256(body).hexdigest() for name, body in mirror.files.items()})
+    monkeypatch.setattr(
+        download, "MIRROR_SHA256", {name: hashlib.sha256(body).hexdigest() for name, body in mirror.files.items()}
+    )
     images, labels = load_mnist("test", tmp_path / "cache")
     assert images.shape == (10000, 28, 28) and labels[:3].tolist() == [7, 2, 1]
 
@@ -154,7 +169,7 @@ def test_recompressed_real_files_pass_and_a_modified_copy_is_rejected(real_mnist
     content = bytearray(gzip.decompress(labels_path.read_bytes()))
     content[-1] = (content[-1] + 1) % 10
     labels_path.write_bytes(gzip.compress(bytes(content)))
-    with pytest.raises(DataError, match=f"{labels_path}.*SHA-256.*--no-verify"):
+    with pytest.raises(DataError, match=f"{labels_path}.*SHA-256.*`verify`=False"):
         load_mnist("test", tmp_path)
     assert load_mnist("test", tmp_path, verify=False)[1][-1] == content[-1]
 
@@ -167,12 +182,12 @@ def test_verified_files_are_remembered_by_size_and_mtime(tmp_path: Path, monkeyp
     expected = hashlib.sha256(content).hexdigest()
     hashed = []
     real_sha256 = hashlib.sha256
-    monkeypatch.setattr(data.hashlib, "sha256", lambda payload: hashed.append(1) or real_sha256(payload))
-    data.verify_content(path, content, expected)
-    data.verify_content(path, content, expected)
+    monkeypatch.setattr(idx.hashlib, "sha256", lambda payload: hashed.append(1) or real_sha256(payload))
+    idx.verify_content(path, content, expected)
+    idx.verify_content(path, content, expected)
     assert len(hashed) == 1
     os.utime(path, ns=(0, 12345))
-    data.verify_content(path, content, expected)
+    idx.verify_content(path, content, expected)
     assert len(hashed) == 2
     with pytest.raises(DataError, match="SHA-256"):
-        data.verify_content(path, content, "f" * 64)
+        idx.verify_content(path, content, "f" * 64)

@@ -43,7 +43,9 @@ def test_losses_agree_with_optax_on_random_batches():
     np.testing.assert_allclose(log_softmax_nll_loss(logits, labels), reference, rtol=1e-6)
     predictions = jax.nn.softmax(logits)
     targets = jax.nn.one_hot(labels, 10)
-    np.testing.assert_allclose(mse_loss(predictions, targets), optax.l2_loss(predictions, targets).sum(-1).mean(), rtol=1e-6)
+    np.testing.assert_allclose(
+        mse_loss(predictions, targets), optax.l2_loss(predictions, targets).sum(-1).mean(), rtol=1e-6
+    )
 
 
 def test_nll_picks_the_labels_log_probability():
@@ -77,7 +79,8 @@ def _stable_reference(logits, labels) -> float:
 
 
 @pytest.mark.parametrize(
-    "loss_fn", [cross_entropy_loss, log_softmax_nll_loss, accuracy, lambda p, t, m=None: mse_loss(p, jax.nn.one_hot(t, 3), m)]
+    "loss_fn",
+    [cross_entropy_loss, log_softmax_nll_loss, accuracy, lambda p, t, m=None: mse_loss(p, jax.nn.one_hot(t, 3), m)],
 )
 def test_masked_padded_batch_equals_real_batch_mean(loss_fn):
     real = loss_fn(LOGITS[:3], LABELS[:3])
@@ -104,4 +107,6 @@ def test_losses_work_unchanged_in_float64():
         loss = cross_entropy_loss(logits, LABELS)
         chex.assert_type(loss, jnp.float64)
         np.testing.assert_allclose(loss, _hand_cross_entropy(np.asarray(LOGITS), np.asarray(LABELS)), rtol=1e-6)
-        np.testing.assert_allclose(log_softmax_nll_loss(logits, LABELS, jnp.ones(4, bool)), _stable_reference(logits, LABELS), rtol=1e-14)
+        np.testing.assert_allclose(
+            log_softmax_nll_loss(logits, LABELS, jnp.ones(4, bool)), _stable_reference(logits, LABELS), rtol=1e-14
+        )

@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxmnist import predict
 from jaxmnist.checkpoint import save_params
-from jaxmnist.cli import main
-from jaxmnist.data import DATA_DIR_ENV, load_mnist
-from jaxmnist.fit import TrainConfig, initial_state
+from jaxmnist.commands import predict
+from jaxmnist.commands.train import main
+from jaxmnist.config import TrainConfig, initial_state
+from jaxmnist.data import load_mnist
+from jaxmnist.paths import DATA_DIR_ENV
 
 README = Path(__file__).parent.parent / "README.md"
 
@@ -41,8 +42,23 @@ def _data_dir(flags: list[str]) -> Path:
 
 def test_metrics_plot_and_save_then_predict_a_test_digit(data_flags, tmp_path: Path, capsys):
     metrics, plot, params = tmp_path / "metrics.jsonl", tmp_path / "loss.png", tmp_path / "params.msgpack"
-    assert main([*data_flags, "--epochs", "3", "--no-compile-cache", "--metrics-out", str(metrics),
-                 "--plot", str(plot), "--save", str(params)]) == 0
+    assert (
+        main(
+            [
+                *data_flags,
+                "--epochs",
+                "3",
+                "--no-compile-cache",
+                "--metrics-out",
+                str(metrics),
+                "--plot",
+                str(plot),
+                "--save",
+                str(params),
+            ]
+        )
+        == 0
+    )
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [record["epoch"] for record in records] == [1, 2, 3]
     assert {"train_loss", "test_loss", "test_accuracy", "seconds", "samples_per_second"} <= set(records[0])
@@ -56,7 +72,10 @@ def test_metrics_plot_and_save_then_predict_a_test_digit(data_flags, tmp_path: P
     digit = int(np.argmax(labels == labels[0]))
     Image.fromarray(images[digit]).save(tmp_path / "digit.png")
     Image.fromarray(255 - images[digit]).resize((84, 84)).save(tmp_path / "digit-large-inverted.png")
-    assert predict.main(["--params", str(params), str(tmp_path / "digit.png"), str(tmp_path / "digit-large-inverted.png")]) == 0
+    assert (
+        predict.main(["--params", str(params), str(tmp_path / "digit.png"), str(tmp_path / "digit-large-inverted.png")])
+        == 0
+    )
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2
     for line in lines:
@@ -66,7 +85,14 @@ def test_metrics_plot_and_save_then_predict_a_test_digit(data_flags, tmp_path: P
 
 
 def test_resume_appends_to_the_metrics_file(data_flags, tmp_path: Path):
-    common = [*data_flags, "--no-compile-cache", "--checkpoint-dir", str(tmp_path / "ck"), "--metrics-out", str(tmp_path / "m.jsonl")]
+    common = [
+        *data_flags,
+        "--no-compile-cache",
+        "--checkpoint-dir",
+        str(tmp_path / "ck"),
+        "--metrics-out",
+        str(tmp_path / "m.jsonl"),
+    ]
     assert main([*common, "--epochs", "1"]) == 0
     assert main([*common, "--epochs", "2", "--resume"]) == 0
     epochs = [json.loads(line)["epoch"] for line in (tmp_path / "m.jsonl").read_text().splitlines()]
@@ -77,8 +103,12 @@ def _run_in_terminal(args: list[str], env: dict[str, str]) -> str:
     """Runs with stderr on a pseudo-terminal and returns what appeared there."""
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
-    process = subprocess.Popen([sys.executable, "-m", "jaxmnist.train", *args], stdout=subprocess.DEVNULL,
-                               stderr=follower, env={**os.environ, **env})
+    process = subprocess.Popen(
+        [sys.executable, "-m", "jaxmnist.train", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=follower,
+        env={**os.environ, **env},
+    )
     os.close(follower)
     chunks = []
     while True:
@@ -95,14 +125,24 @@ def _run_in_terminal(args: list[str], env: dict[str, str]) -> str:
 
 
 def test_progress_bar_only_on_a_terminal_and_not_with_quiet(tiny_mnist_dir: Path, tmp_path: Path):
-    args = ["--data-dir", str(tiny_mnist_dir), "--no-verify", "--epochs", "2", "--checkpoint-every", "2",
-            "--checkpoint-dir", str(tmp_path / "ck")]
+    args = [
+        "--data-dir",
+        str(tiny_mnist_dir),
+        "--no-verify",
+        "--epochs",
+        "2",
+        "--checkpoint-every",
+        "2",
+        "--checkpoint-dir",
+        str(tmp_path / "ck"),
+    ]
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
     shown = _run_in_terminal(args, env)
     assert re.search(r"\d+/10 \[", shown), shown  # 2 epochs of 5 steps: "4/10 [00:00<...]"
     assert "/10 [" not in _run_in_terminal([*args, "--quiet"], env)
-    piped = subprocess.run([sys.executable, "-m", "jaxmnist.train", *args], capture_output=True, text=True,
-                           env={**os.environ, **env})
+    piped = subprocess.run(
+        [sys.executable, "-m", "jaxmnist.train", *args], capture_output=True, text=True, env={**os.environ, **env}
+    )
     assert piped.returncode == 0 and "/10 [" not in piped.stderr
 
 

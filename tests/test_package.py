@@ -21,8 +21,18 @@ def test_public_api_is_importable_typed_and_documented():
     for name in jaxmnist.__all__:
         value = getattr(jaxmnist, name)
         assert value.__doc__, f"jaxmnist.{name} has no docstring"
-    assert {"MLP", "create_train_state", "train_step", "evaluate", "load_mnist", "normalize", "cross_entropy_loss",
-            "nll_loss", "mse_loss", "accuracy"} <= set(jaxmnist.__all__)
+    assert {
+        "MLP",
+        "create_train_state",
+        "train_step",
+        "evaluate",
+        "load_mnist",
+        "normalize",
+        "cross_entropy_loss",
+        "nll_loss",
+        "mse_loss",
+        "accuracy",
+    } <= set(jaxmnist.__all__)
 
 
 def test_unknown_attribute_is_an_attribute_error():

@@ -11,8 +11,9 @@ import pytest
 
 tfds = pytest.importorskip("tensorflow_datasets", reason="TFDS is not installed: pip install 'jaxmnist[tfds]'")
 
-from jaxmnist.cli import main  # noqa: E402
-from jaxmnist.data import DataError, load_mnist  # noqa: E402
+from jaxmnist.commands.train import main  # noqa: E402
+from jaxmnist.data import load_mnist  # noqa: E402
+from jaxmnist.idx import DataError  # noqa: E402
 
 
 @pytest.mark.parametrize("split, count", [("train", 40), ("test", 40)])

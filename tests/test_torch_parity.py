@@ -13,8 +13,10 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="PyTorch is not installed: pip install torch==2.13.0 (CPU build)")
 
-from jaxmnist.data import DATA_DIR_ENV, load_mnist, normalize  # noqa: E402
+from jaxmnist.data import load_mnist  # noqa: E402
 from jaxmnist.model import MLP  # noqa: E402
+from jaxmnist.normalization import normalize  # noqa: E402
+from jaxmnist.paths import DATA_DIR_ENV  # noqa: E402
 from jaxmnist.torch_compat import lesson_model, params_from_torch, params_to_torch, side_by_side_epoch  # noqa: E402
 from jaxmnist.train import create_train_state  # noqa: E402
 

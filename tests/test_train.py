@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import itertools
+
 import chex
 import flax.linen as nn
 import jax
@@ -8,22 +10,20 @@ import numpy as np
 import optax
 import pytest
 
-from jaxmnist.data import normalize
 from jaxmnist.losses import cross_entropy_loss
 from jaxmnist.model import MLP
+from jaxmnist.normalization import normalize
 from jaxmnist.train import (
     create_train_state,
     epoch_batch_indices,
     evaluate,
     num_batches,
+    train_chunk,
     train_epoch,
-    train_epoch_stepwise,
     train_step,
-    train_steps,
-    train_steps_stepwise,
 )
 
-from conftest import make_digits
+from conftest import epoch_step_loop, make_digits, step_loop
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_train_step_lowers_the_loss_on_a_fixed_batch(digits):
         state, metrics = train_step(state, batch)
         losses.append(float(metrics["loss"]))
     assert losses[-1] < 0.6 * losses[0]
-    assert all(later < earlier for earlier, later in zip(losses, losses[1:]))
+    assert all(later < earlier for earlier, later in itertools.pairwise(losses))
 
 
 def test_masked_padded_batch_gives_the_real_batch_update(digits):
@@ -135,7 +135,7 @@ def test_train_epoch_equals_a_loop_of_train_step(digits):
     images, labels = digits
     key = jax.random.key(7)
     scanned_state, scanned = train_epoch(create_train_state(jax.random.key(0)), images, labels, key, batch_size=64)
-    looped_state, looped = train_epoch_stepwise(create_train_state(jax.random.key(0)), images, labels, key, 64)
+    looped_state, looped = epoch_step_loop(create_train_state(jax.random.key(0)), images, labels, key, 64)
     chex.assert_shape(scanned["loss"], (num_batches(200, 64),))
     chex.assert_trees_all_close(scanned, looped, rtol=1e-6)
     chex.assert_trees_all_close(scanned_state.params, looped_state.params, rtol=1e-6, atol=1e-7)
@@ -148,7 +148,7 @@ def test_train_epoch_equals_train_step_loop_in_float64_to_1e12(digits):
         key = jax.random.key(7)
         scanned_state, scanned = train_epoch(state, images, labels, key, batch_size=48)
         state = create_train_state(jax.random.key(0), MLP(param_dtype=jnp.float64))
-        looped_state, looped = train_epoch_stepwise(state, images, labels, key, 48)
+        looped_state, looped = epoch_step_loop(state, images, labels, key, 48)
         chex.assert_type(scanned["loss"], jnp.float64)
         chex.assert_trees_all_close(scanned, looped, rtol=1e-12)
         chex.assert_trees_all_close(scanned_state.params, looped_state.params, rtol=1e-12, atol=1e-14)
@@ -163,7 +163,7 @@ def test_one_trace_across_epochs_and_the_short_last_batch(digits):
     state = create_train_state(jax.random.key(0))
     for epoch in range(3):
         state, _ = counted_epoch(state, images, labels, jax.random.key(epoch), batch_size=64)
-        state, _ = train_epoch_stepwise(state, images, labels, jax.random.key(epoch), 64, step_fn=counted_step)
+        state, _ = epoch_step_loop(state, images, labels, jax.random.key(epoch), 64, step_fn=counted_step)
 
 
 def test_same_seed_same_losses_other_seed_other_losses(digits):
@@ -202,7 +202,7 @@ def test_scan_epoch_matches_step_loop_over_the_first_100_steps_in_float32(lesson
     key = jax.random.key(11)
     _, scanned = train_epoch(create_train_state(jax.random.key(0)), images, labels, key)
     indices, mask = epoch_batch_indices(key, len(images), 64)
-    _, looped = train_steps_stepwise(create_train_state(jax.random.key(0)), images, labels, indices, mask, 0, 100)
+    _, looped = step_loop(create_train_state(jax.random.key(0)), images, labels, indices, mask, 0, 100)
     relative = np.abs(np.asarray(scanned["loss"][:100]) - np.asarray(looped["loss"])) / np.asarray(looped["loss"])
     assert relative.max() <= 1e-6
 
@@ -210,10 +210,10 @@ def test_scan_epoch_matches_step_loop_over_the_first_100_steps_in_float32(lesson
 def test_scan_epoch_matches_step_loop_over_a_whole_epoch_in_float64(lesson_sized_set):
     images, labels = lesson_sized_set
     with jax.enable_x64(True):
-        make_state = lambda: create_train_state(jax.random.key(0), MLP(param_dtype=jnp.float64))  # noqa: E731
+        make_state = lambda: create_train_state(jax.random.key(0), MLP(param_dtype=jnp.float64))
         key = jax.random.key(12)
         _, scanned = train_epoch(make_state(), images, labels, key)
-        _, looped = train_epoch_stepwise(make_state(), images, labels, key)
+        _, looped = epoch_step_loop(make_state(), images, labels, key)
         assert scanned["loss"].shape == (938,)
         relative = np.abs(np.asarray(scanned["loss"]) - np.asarray(looped["loss"])) / np.asarray(looped["loss"])
         assert relative.max() <= 1e-12
@@ -226,7 +226,7 @@ def test_chunks_of_steps_reproduce_the_whole_epoch(digits):
     indices, mask = epoch_batch_indices(key, len(images), 16)
     state, losses = create_train_state(jax.random.key(0)), []
     for first in range(0, 13, 5):
-        state, metrics = train_steps(state, images, labels, indices, mask, first, min(5, 13 - first))
+        state, metrics = train_chunk(state, images, labels, indices, mask, first, min(5, 13 - first))
         losses.append(metrics["loss"])
     np.testing.assert_allclose(np.concatenate(losses), whole["loss"], rtol=1e-6)
     chex.assert_trees_all_close(state.params, whole_state.params, rtol=1e-6, atol=1e-7)

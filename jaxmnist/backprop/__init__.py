@@ -18,6 +18,7 @@ VJP composed backwards equals ``jax.grad`` of the whole flax model.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -53,7 +54,7 @@ def init_params(key: jax.Array, sizes: tuple[int, int, int] = (784, 128, 10), dt
     """W1, b1, W2, b2 drawn as PyTorch's nn.Linear does: uniform in ``±1/sqrt(fan_in)``."""
     keys = iter(jax.random.split(key, 4))
     params = {}
-    for index, (fan_in, fan_out) in enumerate(zip(sizes, sizes[1:]), start=1):
+    for index, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes), start=1):
         bound = 1 / fan_in**0.5
         params[f"W{index}"] = jax.random.uniform(next(keys), (fan_in, fan_out), dtype, -bound, bound)
         params[f"b{index}"] = jax.random.uniform(next(keys), (fan_out,), dtype, -bound, bound)
@@ -133,7 +134,9 @@ def mlp_layerwise_grads(
         activate = index < len(names) - 1
         hidden, vjp = jax.vjp(
             lambda h, k, b, activate=activate: _dense_layer(h, k, b, activate),
-            hidden, params[name]["kernel"], params[name]["bias"],
+            hidden,
+            params[name]["kernel"],
+            params[name]["bias"],
         )
         layer_vjps.append(vjp)
     upstream = jax.grad(loss_fn)(hidden, labels, None)
@@ -147,13 +150,3 @@ def mlp_layerwise_grads(
 def largest_difference(first: Any, second: Any) -> float:
     """The largest absolute entry-wise difference between two gradient trees."""
     return max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second)))
-
-
-def _main() -> int:
-    from jaxmnist.backprop_cli import main
-
-    return main()
-
-
-if __name__ == "__main__":
-    raise SystemExit(_main())

@@ -1,0 +1,144 @@
+"""What every jaxmnist command shares: the parser, argument types, data flags, exit codes, JAX settings,
+and turning library errors (which name API arguments) into messages that name flags."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from jaxmnist.data import SOURCES, load_mnist
+from jaxmnist.paths import DATA_DIR_ENV, default_data_dir
+
+EXIT_FAILURE = 1  # training diverged, or an unexpected fault
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+# API arguments that a shared flag sets; each command adds its own.
+DATA_FLAGS = {"data_dir": "--data-dir", "source": "--source", "download": "--download", "verify": "--no-verify"}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are a single line (no usage dump), exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def positive_int(text: str) -> int:
+    value = int(text) if text.strip().lstrip("+-").isdigit() else None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}")
+    return int(text)
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def hidden_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(positive_int(part) for part in text.split(","))
+    except argparse.ArgumentTypeError:
+        sizes = ()
+    if not sizes:
+        raise argparse.ArgumentTypeError(f"must be comma-separated whole numbers >= 1, e.g. 128,64, got {text!r}")
+    return sizes
+
+
+ARGUMENT_TYPES: dict[str, Callable[[str], object]] = {
+    "positive_int": positive_int,
+    "non_negative_int": non_negative_int,
+    "positive_float": positive_float,
+    "sizes": hidden_sizes,
+}
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that say where MNIST comes from (shared by every jaxmnist command)."""
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help=f"folder with the MNIST IDX files, flat or as torchvision's MNIST/raw (default: ${DATA_DIR_ENV}, "
+        "else $XDG_CACHE_HOME/jaxmnist, i.e. ~/.cache/jaxmnist); with --source tfds, TFDS's data folder",
+    )
+    parser.add_argument(
+        "--source",
+        choices=SOURCES,
+        default="idx",
+        help="idx: the four MNIST IDX files (default); tfds: TensorFlow Datasets' prepared mnist "
+        "(pip install 'jaxmnist[tfds]')",
+    )
+    parser.add_argument(
+        "--download",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="--no-download: fail instead of downloading missing IDX files (downloaded by default); "
+        "--download: let TFDS download and prepare MNIST (off by default)",
+    )
+    parser.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip the SHA-256 check of the IDX files (for modified or synthetic data)",
+    )
+
+
+def load_splits(args: argparse.Namespace, splits: Sequence[str] = ("train", "test")) -> list[tuple]:
+    """The splits asked for, each read and checked before any training starts."""
+    options = {"source": args.source, "download": args.download, "verify": not args.no_verify}
+    return [load_mnist(split, args.data_dir, **options) for split in splits]
+
+
+def configure_jax(float64: bool, compile_cache: bool) -> None:
+    """Process-wide JAX settings: 64-bit mode and the persistent compilation cache."""
+    import jax
+
+    if float64:
+        jax.config.update("jax_enable_x64", True)
+    if compile_cache:
+        jax.config.update("jax_compilation_cache_dir", str(default_data_dir() / "xla-cache"))
+        # The epoch compiles in well under JAX's default 1 s threshold; cache it anyway.
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+def in_flag_terms(message: str, flags: Mapping[str, str]) -> str:
+    """A library message with its `argument` names replaced by the flags that set them."""
+    flags = {**DATA_FLAGS, **flags}
+
+    def flag_for(match: re.Match) -> str:
+        name, value = match.group(1), (match.group(2) or "").strip("'\"")
+        flag = flags.get(name, name)
+        return flag if value in ("", "True", "False") else f"{flag} {value}"
+
+    return re.sub(r"`(\w+)`(?:=('[^']*'|\"[^\"]*\"|[\w.]+))?", flag_for, message)
+
+
+def report_error(error: BaseException, flags: Mapping[str, str], debug: bool) -> None:
+    """One line on stderr, in the command's terms; the traceback instead with ``--debug``."""
+    if debug:
+        raise error
+    print(f"error: {in_flag_terms(str(error), flags)}", file=sys.stderr)
+
+
+def report_internal_error(error: BaseException) -> None:
+    """A bug or an environment fault: one line, and how to see more."""
+    first_line = str(error).splitlines()[0] if str(error) else ""
+    print(f"internal error: {type(error).__name__}: {first_line} (run with --debug for the traceback)", file=sys.stderr)

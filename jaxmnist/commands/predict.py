@@ -1,0 +1,50 @@
+"""``python -m jaxmnist.predict --params FILE IMAGE.png ...``: the top digits of each image."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from jaxmnist.commands.kit import EXIT_BAD_INPUT, OneLineParser, configure_jax, positive_int, report_error
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="python -m jaxmnist.predict", description="Classify digit images with trained jaxmnist parameters."
+    )
+    parser.add_argument(
+        "--params",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="parameters written by python -m jaxmnist.train --save FILE",
+    )
+    parser.add_argument("--top", type=positive_int, default=3, help="how many digits to show per image (default 3)")
+    parser.add_argument(
+        "images", type=Path, nargs="+", metavar="IMAGE", help="28x28 (or larger, resized) digit images, e.g. PNG"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from jaxmnist.checkpoint import CheckpointError, load_params
+    from jaxmnist.predict import ImageError, predict_probabilities, read_digit_image
+
+    try:
+        config, params = load_params(args.params)
+        images = np.stack([read_digit_image(path) for path in args.images])
+    except (ImageError, CheckpointError) as error:
+        report_error(error, {"path": "--params"}, debug=False)
+        return EXIT_BAD_INPUT
+    configure_jax(config.dtype == "float64", compile_cache=False)
+    probabilities = predict_probabilities(config, params, images)
+    for path, row in zip(args.images, probabilities):
+        best = np.argsort(row)[::-1][: min(args.top, len(row))]
+        print(f"{path}: " + ", ".join(f"{digit} ({row[digit]:.3f})" for digit in best))
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,349 @@
+"""``python -m jaxmnist.train``: flags -> config -> fit -> printed epochs, as the lesson prints them.
+
+The run's settings are ``TrainConfig``'s fields, offered as flags from their metadata; the other flags
+say where data comes from, where it runs and what is written. Bad input (flags, data files, outputs) is
+one line on stderr with exit code 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import io
+import shlex
+import signal
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from jaxmnist.commands.kit import (
+    ARGUMENT_TYPES,
+    EXIT_BAD_INPUT,
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    OneLineParser,
+    add_data_arguments,
+    configure_jax,
+    load_splits,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    report_error,
+    report_internal_error,
+)
+from jaxmnist.config import TrainConfig
+
+PROG = "python -m jaxmnist.train"
+# API arguments of the library that flags other than the config's set.
+RUN_FLAGS = {"num_devices": "--devices", "platform": "--platform", "max_loss": "--max-loss"}
+
+
+class OutputError(ValueError):
+    """An output path cannot be written; found before training starts."""
+
+
+def config_flags() -> dict[str, str]:
+    """Each ``TrainConfig`` field's flag."""
+    return {field.name: field.metadata["flag"] for field in dataclasses.fields(TrainConfig)}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per ``TrainConfig`` field, with its default, allowed values and help from the field."""
+    for field in dataclasses.fields(TrainConfig):
+        meta = field.metadata
+        options = {"dest": field.name, "default": field.default, "help": meta["help"], "metavar": meta["metavar"]}
+        if meta["kind"] == "choice":
+            options["choices"] = meta["choices"]
+        else:
+            options["type"] = ARGUMENT_TYPES[meta["kind"]]
+        parser.add_argument(meta["flag"], **options)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from jaxmnist.fit import DEFAULT_MAX_LOSS
+
+    parser = OneLineParser(
+        prog=PROG,
+        description="Train the lesson's MLP (784-128-64-10, ReLU) on MNIST with SGD and print the per-epoch "
+        "training loss the way the PyTorch lesson does, then test loss and accuracy.",
+    )
+    add_config_arguments(parser)
+    add_data_arguments(parser)
+    parser.add_argument(
+        "--devices",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="train data-parallel on N devices (default: all local devices of the platform); "
+        "each batch is split among them",
+    )
+    parser.add_argument(
+        "--platform",
+        choices=("cpu", "gpu", "tpu"),
+        default=None,
+        help="which devices to use (default: JAX's default backend)",
+    )
+    parser.add_argument(
+        "--coordinator",
+        default=None,
+        metavar="HOST:PORT",
+        help="several hosts: address of process 0, for jax.distributed.initialize",
+    )
+    parser.add_argument(
+        "--num-processes",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="several hosts: how many processes take part",
+    )
+    parser.add_argument(
+        "--process-id",
+        type=non_negative_int,
+        default=None,
+        metavar="I",
+        help="several hosts: this process's index, 0..N-1",
+    )
+    parser.add_argument(
+        "--checkpoint-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="save a checkpoint after every epoch (and every --checkpoint-every steps) into DIR; written atomically",
+    )
+    parser.add_argument(
+        "--checkpoint-every",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="also checkpoint every N steps inside an epoch (each epoch then runs in calls of N steps)",
+    )
+    parser.add_argument(
+        "--keep", type=positive_int, default=3, metavar="K", help="keep the K newest checkpoints (default 3)"
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint in --checkpoint-dir, exactly where it stopped",
+    )
+    parser.add_argument(
+        "--metrics-out",
+        type=Path,
+        default=None,
+        metavar="FILE.jsonl",
+        help="append one JSON record per epoch (losses, accuracies, seconds, images/s); started afresh unless --resume",
+    )
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        metavar="FILE.png",
+        help="draw the training and test loss per epoch into FILE.png at the end",
+    )
+    parser.add_argument(
+        "--save",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="write the trained parameters (msgpack, see docs/command-line.md) for python -m jaxmnist.predict",
+    )
+    parser.add_argument(
+        "--quiet", action="store_true", help="no progress bar (it is also off when stderr is not a terminal)"
+    )
+    parser.add_argument(
+        "--max-loss",
+        type=positive_float,
+        default=DEFAULT_MAX_LOSS,
+        metavar="X",
+        help=f"stop as diverged when a batch loss is NaN, infinite or above X (default {DEFAULT_MAX_LOSS:g})",
+    )
+    parser.add_argument(
+        "--no-compile-cache",
+        action="store_true",
+        help="do not use JAX's persistent compilation cache (kept in the jaxmnist cache folder)",
+    )
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks instead of one-line errors")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The run's settings from the parsed flags."""
+    return TrainConfig(**{field.name: getattr(args, field.name) for field in dataclasses.fields(TrainConfig)})
+
+
+def _check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.resume and args.checkpoint_dir is None:
+        parser.error("argument --resume: needs --checkpoint-dir DIR, the folder to resume from")
+    distributed = (args.coordinator, args.num_processes, args.process_id)
+    if any(value is not None for value in distributed) and None in distributed:
+        parser.error("arguments --coordinator, --num-processes and --process-id go together")
+    if args.num_processes is not None and args.process_id >= args.num_processes:
+        parser.error(f"argument --process-id: must be below --num-processes {args.num_processes}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_flag_combinations(parser, args)
+    from jaxmnist.checkpoint import CheckpointError
+    from jaxmnist.data import DataError
+    from jaxmnist.fit import DivergenceError
+    from jaxmnist.parallel import DeviceError
+
+    flags = {**config_flags(), **RUN_FLAGS}
+    try:
+        return run(args, argv)
+    except (DataError, CheckpointError, OutputError, DivergenceError, DeviceError) as error:
+        report_error(error, flags, args.debug)
+        return EXIT_FAILURE if isinstance(error, DivergenceError) else EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as error:  # a bug or an environment fault: one line unless --debug
+        if args.debug:
+            raise
+        report_internal_error(error)
+        return EXIT_FAILURE
+
+
+def check_writable_folder(folder: Path, flag: str) -> None:
+    """Creates ``folder`` if needed and proves a file can be written there."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise OutputError(f"{flag} {folder}: cannot write there ({error.strerror or error})") from error
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Every output path is proven writable before the first training step."""
+    if args.checkpoint_dir is not None:
+        check_writable_folder(args.checkpoint_dir, "--checkpoint-dir")
+    for flag, path in (("--metrics-out", args.metrics_out), ("--plot", args.plot), ("--save", args.save)):
+        if path is None:
+            continue
+        if path.is_dir():
+            raise OutputError(f"{flag} {path}: is a folder, expected a file name")
+        check_writable_folder(path.parent, flag)
+    if args.plot is not None and args.plot.suffix.lower() not in (".png", ".pdf", ".svg"):
+        raise OutputError(f"--plot {args.plot}: use a .png, .pdf or .svg file name")
+
+
+def describe(config: TrainConfig, num_images: int, mesh) -> str:
+    """One line: the model, the optimization, the data and the devices."""
+    from jaxmnist.parallel import padded_batch_width
+
+    device = mesh.devices.flat[0]
+    layers = "-".join(str(size) for size in (784, *config.hidden_sizes, 10))
+    where = f"{device.platform} ({device.device_kind})"
+    if mesh.size > 1:
+        width = padded_batch_width(config.batch_size, mesh)
+        where = f"{mesh.size} {where} devices, {width // mesh.size} images of each batch per device"
+    return (
+        f"MLP {layers} ({config.activation}, {config.weight_init} init), {config.loss} loss, "
+        f"SGD lr {config.learning_rate}, batch {config.batch_size}, {config.epochs} epochs, "
+        f"{num_images} training images, {config.dtype} on {where}"
+    )
+
+
+def start_devices(args: argparse.Namespace):
+    """Joins the other processes (several hosts) and builds the device mesh the flags ask for."""
+    import jax
+
+    from jaxmnist.parallel import make_mesh
+
+    if args.coordinator is not None:
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    return make_mesh(args.devices, args.platform)
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    """Trains as the flags say; returns the exit code (130/143 when stopped by a signal)."""
+    import jax
+
+    configure_jax(args.dtype == "float64", not args.no_compile_cache)
+    config = config_from_args(args)
+    mesh = start_devices(args)
+    if jax.process_index() == 0:
+        return _train(args, argv, config, mesh, writer=True)
+    # Several hosts: process 0 prints and writes every file; the others train in step, silently.
+    args = argparse.Namespace(**{**vars(args), "quiet": True, "metrics_out": None, "plot": None, "save": None})
+    with contextlib.redirect_stdout(io.StringIO()):
+        return _train(args, argv, config, mesh, writer=False)
+
+
+def _train(args: argparse.Namespace, argv: list[str], config: TrainConfig, mesh, writer: bool) -> int:
+    from jaxmnist.checkpoint import latest_checkpoint, restore_progress, save_checkpoint, save_params
+    from jaxmnist.commands.reporting import Reporter
+    from jaxmnist.commands.stopping import GracefulStop
+    from jaxmnist.fit import fit
+    from jaxmnist.train import num_batches
+
+    if writer:
+        check_outputs(args)
+    start = None
+    if args.resume:
+        path = latest_checkpoint(args.checkpoint_dir)
+        start = restore_progress(path, config)
+        print(f"resuming from {path}: epoch {start.epoch}, {start.position} steps into it", flush=True)
+    train_data, test_data = load_splits(args)
+    print(describe(config, len(train_data[0]), mesh), flush=True)
+    if start is not None and start.epoch > config.epochs:
+        print(f"nothing to do: the checkpoint has finished {start.epoch - 1} epochs (--epochs {config.epochs})")
+        return 0
+
+    reporter = Reporter(
+        config,
+        num_batches(len(train_data[0]), config.batch_size),
+        start,
+        quiet=args.quiet,
+        metrics_out=args.metrics_out,
+        plot=args.plot,
+        append=args.resume,
+    )
+    saved_at, progress = None, start
+    try:
+        with GracefulStop() as stop:
+            steps = fit(
+                config,
+                train_data,
+                test_data,
+                start,
+                steps_per_call=args.checkpoint_every,
+                max_loss=args.max_loss,
+                mesh=mesh if mesh.size > 1 else None,
+            )
+            for progress in steps:
+                reporter.update(progress)
+                checkpoint_now = progress.epoch_done or args.checkpoint_every or stop.signal_number
+                if writer and args.checkpoint_dir is not None and checkpoint_now:
+                    saved_at = save_checkpoint(args.checkpoint_dir, config, progress, keep=args.keep)
+                if stop.signal_number is not None:
+                    return _report_stop(stop.signal_number, progress, saved_at, argv)
+    finally:
+        reporter.close()
+    if args.save is not None and progress is not None:
+        save_params(args.save, config, progress.state.params)
+        print(f"trained parameters written to {args.save}")
+    return 0
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues this run from its checkpoints."""
+    return shlex.join(["python", "-m", "jaxmnist.train", *argv, *([] if "--resume" in argv else ["--resume"])])
+
+
+def _report_stop(signal_number: int, progress, saved_at: Path | None, argv: list[str]) -> int:
+    name = signal.Signals(signal_number).name
+    where = f"epoch {progress.epoch}, step {progress.position}"
+    if saved_at is None:
+        print(f"{name}: stopped at {where}; nothing saved (no --checkpoint-dir)", file=sys.stderr)
+    else:
+        print(
+            f"{name}: stopped at {where}; checkpoint saved to {saved_at}\nresume with: {resume_command(argv)}",
+            file=sys.stderr,
+        )
+    return 128 + signal_number

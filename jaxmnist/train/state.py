@@ -1,0 +1,162 @@
+"""The train state: everything a step reads and writes, as one pytree.
+
+Besides flax's ``params``, ``opt_state`` and ``step``, it carries the model's other variable collections
+(BatchNorm statistics, ...), a PRNG key for stochastic layers, the loss, and how to call the model (a
+flax linen module or an NNX module, see ``jaxmnist.train.adapters``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+from flax.training import train_state
+
+from jaxmnist.losses import LOSSES
+from jaxmnist.model import MLP
+from jaxmnist.train.adapters import Collections, LinenModel, ModelCall, NnxModel, Params
+
+LossFn = Callable[[jax.Array, jax.Array, "jax.Array | None"], jax.Array]
+
+# The state's key is fold_in(rng, STEP_KEY_SALT): the init key itself is left to the parameters.
+STEP_KEY_SALT = 2
+
+
+class TrainState(train_state.TrainState):
+    """flax's TrainState plus the model's other state, a PRNG key, the loss and the model's calling convention.
+
+    Attributes:
+        collections: the model's variables other than ``params`` (e.g. ``{"batch_stats": ...}`` for linen,
+            the non-parameter state for NNX); updated by every training step.
+        key: raw PRNG key data (``uint32``); step ``s`` gives its stochastic layers
+            ``fold_in(key, s)``, so a run is reproducible and no key is used twice.
+        loss_fn: ``loss_fn(logits, labels, mask)``, the (masked) mean loss of a batch.
+        model_call: how to call the model (``LinenModel`` or ``NnxModel``).
+        image_shape: the shape of one input image the model was initialized with; batches are reshaped to it.
+
+    Example:
+        >>> import jax
+        >>> state = create_train_state(jax.random.key(0), MLP(dropout_rate=0.2))
+        >>> state.collections, state.key.dtype, state.step_key().dtype
+        ({}, dtype('uint32'), key<fry>)
+    """
+
+    collections: Collections = struct.field(default_factory=dict)
+    key: jax.Array | None = None
+    loss_fn: LossFn = struct.field(pytree_node=False, default=LOSSES["nll"])
+    model_call: ModelCall | None = struct.field(pytree_node=False, default=None)
+    image_shape: tuple[int, ...] = struct.field(pytree_node=False, default=(28, 28))
+
+    def step_key(self) -> jax.Array:
+        """The key of this step's stochastic layers: ``fold_in(key, step)``."""
+        return jax.random.fold_in(jax.random.wrap_key_data(self.key), self.step)
+
+    def apply_model(
+        self, images: jax.Array, *, train: bool = False, key: jax.Array | None = None
+    ) -> tuple[jax.Array, Collections]:
+        """The model's logits on ``images`` and its updated collections (unchanged unless ``train``)."""
+        return self.model_call(self.params, self.collections, images, train=train, key=key)
+
+    def nnx_module(self) -> nnx.Module:
+        """The trained NNX module (for research code that continues in NNX); only for NNX models."""
+        if not isinstance(self.model_call, NnxModel):
+            raise TypeError("nnx_module() needs a state created from an nnx.Module")
+        return self.model_call.module(self.params, self.collections)
+
+
+def _typed_key(rng: jax.Array) -> jax.Array:
+    return rng if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(rng)
+
+
+def _init_linen(model: LinenModel, rng: jax.Array, input_shape: tuple[int, ...]) -> tuple[Params, Collections]:
+    sample_dtype = getattr(model.module, "param_dtype", jnp.float32)
+    return model.init(rng, jnp.zeros(input_shape, sample_dtype))
+
+
+def create_train_state(
+    rng: jax.Array,
+    model: nn.Module | nnx.Module | None = None,
+    optimizer: optax.GradientTransformation | None = None,
+    learning_rate: float = 0.003,
+    loss: str | LossFn = "nll",
+    input_shape: tuple[int, ...] = (1, 28, 28),
+    params: Params | None = None,
+) -> TrainState:
+    """The initial train state of ``model`` under ``optimizer``.
+
+    Args:
+        rng: PRNG key. A linen model's parameters are drawn from it exactly as ``model.init(rng, ...)``;
+            the state's key for stochastic layers is ``fold_in(rng, 2)``.
+        model: a ``flax.linen.Module`` (initialized here, with ``train=False`` if its ``__call__`` takes
+            ``train``) or an ``nnx.Module`` instance (already initialized; its state is split off here).
+            Default: the lesson's ``MLP``.
+        optimizer: any ``optax.GradientTransformation`` (chains, schedules, ``inject_hyperparams``,
+            ``MultiSteps``); default ``optax.sgd(learning_rate)``.
+        learning_rate: the default optimizer's learning rate.
+        loss: ``"nll"`` (LogSoftmax + NLLLoss, the lesson's), ``"ce"`` (CrossEntropyLoss on logits) or any
+            ``loss_fn(logits, labels, mask)``.
+        input_shape: the shape of a batch of images the model takes, e.g. ``(1, 28, 28, 1)`` for a CNN.
+        params: parameters to use instead of the model's own (e.g. weights copied from PyTorch).
+
+    Returns:
+        A ``TrainState`` at step 0.
+
+    Raises:
+        ModelCallError: the model's ``__call__`` needs an argument jaxmnist cannot give.
+
+    Example:
+        >>> import jax, optax
+        >>> state = create_train_state(jax.random.key(0), MLP(), optax.adam(1e-3))
+        >>> int(state.step), sorted(state.params)
+        (0, ['Dense_0', 'Dense_1', 'Dense_2'])
+    """
+    rng = _typed_key(rng)
+    model = MLP() if model is None else model
+    if isinstance(model, nnx.Module):
+        model_call, own_params, collections = NnxModel.wrap(model)
+    elif isinstance(model, nn.Module):
+        model_call = LinenModel.wrap(model)
+        own_params, collections = _init_linen(model_call, rng, input_shape)
+    else:
+        raise TypeError(f"`model` must be a flax.linen.Module or an nnx.Module, got {type(model).__name__}")
+    state = TrainState.create(
+        apply_fn=model_call.apply_fn,
+        params=own_params if params is None else params,
+        tx=optax.sgd(learning_rate) if optimizer is None else optimizer,
+        collections=collections,
+        key=jax.random.key_data(jax.random.fold_in(rng, STEP_KEY_SALT)),
+        loss_fn=LOSSES[loss] if isinstance(loss, str) else loss,
+        model_call=model_call,
+        image_shape=tuple(input_shape[1:]),
+    )
+    # An explicit int32 step keeps the state's types fixed from the first step on (no retrace).
+    return state.replace(step=jnp.zeros((), jnp.int32))
+
+
+def param_dtype(state: TrainState) -> jnp.dtype:
+    """The floating dtype the model computes in (float32, or float64 for exactness checks)."""
+    return jax.tree.leaves(state.params)[0].dtype
+
+
+def current_learning_rate(opt_state: optax.OptState) -> jax.Array | None:
+    """The learning rate an ``optax.inject_hyperparams`` optimizer holds in ``opt_state``, else None.
+
+    Found anywhere inside chains and wrappers (e.g. ``optax.MultiSteps``); None when there is none or
+    more than one.
+
+    Example:
+        >>> import jax.numpy as jnp, optax
+        >>> optimizer = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)
+        >>> float(current_learning_rate(optimizer.init(jnp.zeros(3))))
+        0.1
+    """
+    injected = [
+        node.hyperparams["learning_rate"]
+        for node in jax.tree.leaves(opt_state, is_leaf=lambda node: hasattr(node, "hyperparams"))
+        if isinstance(getattr(node, "hyperparams", None), dict) and "learning_rate" in node.hyperparams
+    ]
+    return injected[0] if len(injected) == 1 else None

@@ -1,0 +1,233 @@
+"""Training as pure, jitted functions: one step, a chunk of steps, a whole epoch, and evaluation.
+
+Every function takes a ``TrainState`` and works for any model it holds: flax linen or NNX, with or
+without BatchNorm statistics and dropout, under any optax optimizer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from jaxmnist.losses import accuracy
+from jaxmnist.normalization import normalize
+from jaxmnist.parallel import padded_batch_width, shard_batch
+from jaxmnist.train.state import TrainState, current_learning_rate, param_dtype
+
+Batch = Mapping[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+def _check_batch(batch: Batch, image_shape: tuple[int, ...]) -> jax.Array:
+    """The batch's images in the model's input shape; fails at trace time naming the expected shapes."""
+    images, labels = batch["image"], batch["label"]
+    expected_images = f"(B, {', '.join(map(str, image_shape))})"
+    if images.ndim < 2 or math.prod(images.shape[1:]) != math.prod(image_shape):
+        raise ValueError(f"batch['image'] must be {expected_images} or (B, 784) images, got shape {images.shape}")
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+        raise TypeError(
+            f"batch['image'] must be floating point (normalized), got {images.dtype}; use jaxmnist.normalize(images)"
+        )
+    expected = (images.shape[0],)
+    if labels.shape != expected or not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise ValueError(f"batch['label'] must be integer of shape {expected}, got {labels.dtype}{labels.shape}")
+    mask = batch.get("mask")
+    if mask is not None and mask.shape != expected:
+        raise ValueError(f"batch['mask'] must have shape {expected}, got {mask.shape}")
+    return images.reshape((images.shape[0], *image_shape)) if images.shape[1:] != image_shape else images
+
+
+@jax.jit
+def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    """One optimizer step: ``jax.value_and_grad`` of the batch loss, then the optimizer's update.
+
+    The model runs in training mode: its collections (e.g. BatchNorm statistics) are updated, and its
+    stochastic layers get ``state.step_key()``.
+
+    Args:
+        state: the train state.
+        batch: ``image`` (normalized, ``(B, 28, 28)`` or ``(B, 784)``, or the shape the model was
+            initialized with), ``label`` (int ``(B,)``) and optionally ``mask`` (``(B,)``, 0 for padding).
+
+    Returns:
+        The new state and the batch's ``loss`` and ``accuracy`` (with the parameters before the update,
+        as PyTorch's loop reports them), plus ``learning_rate`` when the optimizer exposes it
+        (``optax.inject_hyperparams``).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from jaxmnist import create_train_state
+        >>> state = create_train_state(jax.random.key(0))
+        >>> batch = {"image": jnp.zeros((8, 28, 28)), "label": jnp.arange(8)}
+        >>> state, metrics = train_step(state, batch)
+        >>> int(state.step), sorted(metrics)
+        (1, ['accuracy', 'loss'])
+    """
+    images = _check_batch(batch, state.image_shape)
+    labels, mask = batch["label"], batch.get("mask")
+    key = state.step_key()
+
+    def loss_and_outputs(params):
+        logits, collections = state.model_call(params, state.collections, images, train=True, key=key)
+        return state.loss_fn(logits, labels, mask), (logits, collections)
+
+    (loss, (logits, collections)), grads = jax.value_and_grad(loss_and_outputs, has_aux=True)(state.params)
+    metrics = {"loss": loss, "accuracy": accuracy(logits, labels, mask)}
+    new_state = state.apply_gradients(grads=grads, collections=collections)
+    # inject_hyperparams stores the value it has just used in the updated optimizer state.
+    learning_rate = current_learning_rate(new_state.opt_state)
+    if learning_rate is not None:
+        metrics["learning_rate"] = jnp.asarray(learning_rate)
+    return new_state, metrics
+
+
+@jax.jit
+def evaluate(state: TrainState, images: jax.Array, labels: jax.Array, mask: jax.Array | None = None) -> Metrics:
+    """Mean loss and accuracy in inference mode (running statistics, no dropout): deterministic.
+
+    Args:
+        state: the train state.
+        images: normalized images, e.g. the 10,000 test images.
+        labels: int labels ``(N,)``.
+        mask: optional ``(N,)``, 0 for examples to leave out.
+
+    Returns:
+        ``{"loss": ..., "accuracy": ...}``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from jaxmnist import create_train_state
+        >>> metrics = evaluate(create_train_state(jax.random.key(0)), jnp.zeros((4, 28, 28)), jnp.arange(4))
+        >>> sorted(metrics)
+        ['accuracy', 'loss']
+    """
+    images = _check_batch({"image": images, "label": labels}, state.image_shape)
+    logits, _ = state.model_call(state.params, state.collections, images, train=False, key=None)
+    return {"loss": state.loss_fn(logits, labels, mask), "accuracy": accuracy(logits, labels, mask)}
+
+
+def num_batches(num_examples: int, batch_size: int) -> int:
+    """Batches per epoch with the final partial batch kept (60,000 / 64 -> 938)."""
+    return -(-num_examples // batch_size)
+
+
+def epoch_batch_indices(
+    key: jax.Array, num_examples: int, batch_size: int, width: int | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """The epoch's shuffled example indices as ``(num_batches, width)``, and the padding mask.
+
+    Like PyTorch's ``DataLoader(shuffle=True)``: every example once, the last batch smaller (here padded
+    with index 0 and masked out, so every step has one shape and the math is unchanged). ``width``
+    (default ``batch_size``) adds masked slots to every batch, e.g. to divide it among devices.
+    """
+    order = jax.random.permutation(key, num_examples)
+    total = num_batches(num_examples, batch_size) * batch_size
+    padded = jnp.concatenate([order, jnp.zeros(total - num_examples, order.dtype)]).reshape(-1, batch_size)
+    mask = (jnp.arange(total) < num_examples).reshape(-1, batch_size)
+    extra = (0, 0), (0, (width or batch_size) - batch_size)
+    return jnp.pad(padded, extra), jnp.pad(mask, extra)
+
+
+def gather_batch(
+    images: jax.Array, labels: jax.Array, indices: jax.Array, mask: jax.Array, dtype: jnp.dtype
+) -> dict[str, jax.Array]:
+    """A training batch from uint8 ``images`` held on the device: gathered, then normalized."""
+    return {"image": normalize(images[indices], dtype), "label": labels[indices], "mask": mask}
+
+
+def _scan_steps(
+    state: TrainState, images: jax.Array, labels: jax.Array, indices: jax.Array, mask: jax.Array, mesh: Mesh | None
+) -> tuple[TrainState, Metrics]:
+    """``lax.scan`` of ``train_step`` over batches given as rows of ``indices`` into the device data."""
+    dtype = param_dtype(state)
+
+    def step(state, batch_indices_and_mask):
+        batch = gather_batch(images, labels, *batch_indices_and_mask, dtype)
+        return train_step(state, shard_batch(batch, mesh))
+
+    return jax.lax.scan(step, state, (indices, mask))
+
+
+@partial(jax.jit, static_argnames=("batch_size", "mesh"), donate_argnames="state")
+def train_epoch(
+    state: TrainState,
+    images: jax.Array,
+    labels: jax.Array,
+    key: jax.Array,
+    batch_size: int = 64,
+    mesh: Mesh | None = None,
+) -> tuple[TrainState, Metrics]:
+    """One epoch as one compiled call: a ``lax.scan`` of ``train_step`` over the shuffled batches.
+
+    Args:
+        state: the train state; donated, use the returned one.
+        images: the uint8 ``(N, 28, 28)`` data set resident on the device; each batch is gathered and
+            normalized inside the compiled program.
+        labels: int labels ``(N,)``.
+        key: the key of this epoch's shuffle.
+        batch_size: images per step; the last batch is padded and masked.
+        mesh: a ``jaxmnist.parallel`` mesh to split every batch over its devices.
+
+    Returns:
+        The new state and the per-step metrics (shape ``(num_batches,)``); the lesson's "Training loss"
+        is the mean of ``loss``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from jaxmnist import create_train_state
+        >>> images, labels = jnp.zeros((100, 28, 28), jnp.uint8), jnp.arange(100) % 10
+        >>> state, metrics = train_epoch(create_train_state(jax.random.key(0)), images, labels, jax.random.key(1))
+        >>> metrics["loss"].shape
+        (2,)
+    """
+    width = padded_batch_width(batch_size, mesh)
+    return _scan_steps(state, images, labels, *epoch_batch_indices(key, images.shape[0], batch_size, width), mesh)
+
+
+@partial(jax.jit, static_argnames=("num_steps", "mesh"), donate_argnames="state")
+def train_chunk(
+    state: TrainState,
+    images: jax.Array,
+    labels: jax.Array,
+    indices: jax.Array,
+    mask: jax.Array,
+    first_step: jax.Array | int,
+    num_steps: int,
+    mesh: Mesh | None = None,
+) -> tuple[TrainState, Metrics]:
+    """Steps ``first_step .. first_step + num_steps - 1`` of an epoch as one compiled call.
+
+    Used to checkpoint or stop inside an epoch and to resume exactly where a run stopped.
+
+    Args:
+        state: the train state; donated, use the returned one.
+        images: the uint8 data set resident on the device.
+        labels: int labels ``(N,)``.
+        indices: the epoch's batches as rows of example indices (``epoch_batch_indices``).
+        mask: their padding mask.
+        first_step: the first row to train on.
+        num_steps: how many rows (static: one compilation per chunk length).
+        mesh: a ``jaxmnist.parallel`` mesh to split every batch over its devices.
+
+    Returns:
+        The new state and the per-step metrics of the chunk (shape ``(num_steps,)``).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from jaxmnist import create_train_state
+        >>> images, labels = jnp.zeros((100, 28, 28), jnp.uint8), jnp.arange(100) % 10
+        >>> indices, mask = epoch_batch_indices(jax.random.key(1), 100, 10)
+        >>> state, metrics = train_chunk(create_train_state(jax.random.key(0)), images, labels, indices, mask, 4, 3)
+        >>> int(state.step), metrics["loss"].shape
+        (3, (3,))
+    """
+    window = (
+        jax.lax.dynamic_slice_in_dim(indices, first_step, num_steps),
+        jax.lax.dynamic_slice_in_dim(mask, first_step, num_steps),
+    )
+    return _scan_steps(state, images, labels, *window, mesh)

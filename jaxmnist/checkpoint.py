@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +21,8 @@ import numpy as np
 from flax import serialization
 
 from jaxmnist.config import RESUMABLE_CHANGES, TrainConfig, config_from_dict, config_to_dict, initial_state, run_keys
-from jaxmnist.fit import Progress
+from jaxmnist.files import remove_temporary_files, write_atomically
+from jaxmnist.fit import EpochResult, Progress
 
 FORMAT = "jaxmnist-checkpoint"
 VERSION = 2  # 2: the train state carries its collections and PRNG key
@@ -32,6 +31,19 @@ _NAME = re.compile(r"^ckpt-(\d+)\.msgpack$")
 
 class CheckpointError(ValueError):
     """A checkpoint folder holds no checkpoint, a damaged one, or one of another configuration."""
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint file cannot be read (truncated, overwritten, not a checkpoint)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    """A run read back from a checkpoint: where it stands, and the results of its finished epochs."""
+
+    path: Path
+    progress: Progress
+    results: tuple[EpochResult, ...]
 
 
 def config_differences(saved: TrainConfig, current: TrainConfig) -> list[tuple[str, Any, Any]]:
@@ -51,33 +63,14 @@ def checkpoint_paths(directory: Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
-def _current_umask() -> int:
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return umask
+def save_checkpoint(
+    directory: Path, config: TrainConfig, progress: Progress, keep: int = 3, results: tuple[EpochResult, ...] = ()
+) -> Path:
+    """Writes ``progress`` (and the ``results`` of the finished epochs) as the newest checkpoint.
 
-
-def _write_atomically(path: Path, content: bytes) -> None:
-    """Temporary file in the same folder, fsync, rename, fsync the folder: all or nothing."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(temporary, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the usual permissions
-        with os.fdopen(handle, "wb") as output:
-            output.write(content)
-            output.flush()
-            os.fsync(output.fileno())
-        os.replace(temporary, path)
-    finally:
-        Path(temporary).unlink(missing_ok=True)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
-
-
-def save_checkpoint(directory: Path, config: TrainConfig, progress: Progress, keep: int = 3) -> Path:
-    """Writes ``progress`` as the newest checkpoint and keeps only the ``keep`` newest."""
+    Only the ``keep`` newest checkpoints stay. The write is atomic: a failure (e.g. a full disk) raises
+    ``OSError`` and leaves the earlier checkpoints as they were, with no temporary file behind.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     progress = progress.continuation()
     payload = {
@@ -90,13 +83,13 @@ def save_checkpoint(directory: Path, config: TrainConfig, progress: Progress, ke
         "step_losses": np.asarray(progress.step_losses),
         "step_accuracies": np.asarray(progress.step_accuracies),
         "data_key": np.asarray(jax.random.key_data(run_keys(config.seed)[1])),
+        "results": json.dumps([dataclasses.asdict(result) for result in results]),
     }
     path = directory / f"ckpt-{int(progress.state.step):08d}.msgpack"
-    _write_atomically(path, serialization.msgpack_serialize(jax.device_get(payload)))
+    write_atomically(path, serialization.msgpack_serialize(jax.device_get(payload)))
     for old in checkpoint_paths(directory)[:-keep]:
         old.unlink(missing_ok=True)
-    for leftover in directory.glob(".ckpt-*.tmp"):
-        leftover.unlink(missing_ok=True)
+    remove_temporary_files(directory, "ckpt-")
     return path
 
 
@@ -109,10 +102,8 @@ def read_checkpoint(path: Path) -> tuple[TrainConfig, dict[str, Any]]:
         if payload.get("version") != VERSION:
             raise ValueError(f"checkpoint format version {payload.get('version')}, this jaxmnist reads {VERSION}")
         config = config_from_dict(json.loads(payload["config"]))
-    except CheckpointError:
-        raise
     except Exception as error:  # msgpack, json and our own checks raise assorted types
-        raise CheckpointError(f"{path}: damaged or not a jaxmnist checkpoint ({error})") from error
+        raise DamagedCheckpointError(f"{path}: damaged or not a jaxmnist checkpoint ({error})") from error
     return config, payload
 
 
@@ -146,25 +137,58 @@ def restore_progress(path: Path, config: TrainConfig) -> Progress:
             step_accuracies=np.asarray(payload["step_accuracies"]),
         )
     except (KeyError, ValueError, TypeError) as error:
-        raise CheckpointError(f"{path}: damaged checkpoint ({error})") from error
+        raise DamagedCheckpointError(f"{path}: damaged checkpoint ({error})") from error
     return progress
+
+
+def _results(path: Path, payload: dict[str, Any]) -> tuple[EpochResult, ...]:
+    try:
+        return tuple(EpochResult(**values) for values in json.loads(payload.get("results", "[]")))
+    except (TypeError, ValueError) as error:
+        raise DamagedCheckpointError(f"{path}: its epoch results cannot be read ({error})") from error
+
+
+def resume(directory: Path, config: TrainConfig) -> tuple[Restored | None, list[str]]:
+    """The newest intact checkpoint in ``directory``, and a line for each newer one that is damaged.
+
+    Stray temporary files of interrupted writes are removed. Returns ``(None, [])`` when the folder holds
+    no checkpoint (or does not exist): there is nothing to continue.
+
+    Raises:
+        CheckpointError: every checkpoint is damaged, or one is of another configuration.
+    """
+    remove_temporary_files(directory, "ckpt-")
+    damaged = []
+    for path in reversed(checkpoint_paths(directory)):
+        try:
+            progress = restore_progress(path, config)
+            return Restored(path, progress, _results(path, read_checkpoint(path)[1])), damaged
+        except DamagedCheckpointError as error:
+            damaged.append(str(error))
+    if damaged:
+        raise CheckpointError(f"{directory}: none of its {len(damaged)} checkpoint(s) is intact; newest: {damaged[0]}")
+    return None, damaged
 
 
 PARAMS_FORMAT = "jaxmnist-params"
 PARAMS_VERSION = 1
 
 
-def save_params(path: Path, config: TrainConfig, params: Any) -> Path:
-    """Writes trained parameters for ``jaxmnist.predict``: msgpack (``flax.serialization``) of
-    ``{"format": "jaxmnist-params", "version": 1, "config": <TrainConfig as JSON>, "params": <MLP params>}``,
-    atomically."""
+def params_file_bytes(config: TrainConfig, params: Any) -> bytes:
+    """The content of a parameters file for ``jaxmnist.predict``: msgpack (``flax.serialization``) of
+    ``{"format": "jaxmnist-params", "version": 1, "config": <TrainConfig as JSON>, "params": <MLP params>}``."""
     payload = {
         "format": PARAMS_FORMAT,
         "version": PARAMS_VERSION,
         "config": json.dumps(config_to_dict(config)),
         "params": params,
     }
-    _write_atomically(path, serialization.msgpack_serialize(jax.device_get(payload)))
+    return serialization.msgpack_serialize(jax.device_get(payload))
+
+
+def save_params(path: Path, config: TrainConfig, params: Any) -> Path:
+    """Writes ``params_file_bytes`` to ``path`` atomically."""
+    write_atomically(path, params_file_bytes(config, params))
     return path
 
 

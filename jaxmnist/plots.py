@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from jaxmnist.files import write_atomically
 
 
 def _pyplot():
@@ -44,9 +47,16 @@ def plot_losses(
     axes.legend()
     figure.tight_layout()
     if path is not None:
-        figure.savefig(path, dpi=100)
+        save_figure(figure, Path(path))
         plt.close(figure)
     return figure
+
+
+def save_figure(figure: Any, path: Path) -> None:
+    """Renders ``figure`` in the format of ``path``'s suffix and writes it atomically (``OSError`` on failure)."""
+    rendered = io.BytesIO()
+    figure.savefig(rendered, format=path.suffix.lstrip(".").lower() or "png", dpi=100)
+    write_atomically(path, rendered.getvalue())
 
 
 def view_classify(image: np.ndarray, probabilities: np.ndarray) -> Any:

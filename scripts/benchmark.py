@@ -40,22 +40,22 @@ def peak_rss_mib() -> float:
 def worker_jaxmnist(args: argparse.Namespace) -> dict:
     import jax
 
-    from jaxmnist.config import epoch_key, run_keys
-    from jaxmnist.data import load_mnist
-    from jaxmnist.train import create_train_state, train_epoch
+    # Only the public API, so that --baseline can time another checkout of jaxmnist with this worker.
+    from jaxmnist import create_train_state, load_mnist, train_epoch
 
     images, labels = (jax.device_put(array) for array in load_mnist("train", args.data_dir))
-    state = create_train_state(run_keys(0)[0])
-    data_key = run_keys(0)[1]
+    init_key, data_key = jax.random.split(jax.random.key(0))  # as a run with --seed 0 derives them
+    state = create_train_state(init_key)
     started = time.perf_counter()
-    compiled = train_epoch.lower(state, images, labels, epoch_key(data_key, 1), batch_size=args.batch_size).compile()
+    first_key = jax.random.fold_in(data_key, 1)
+    compiled = train_epoch.lower(state, images, labels, first_key, batch_size=args.batch_size).compile()
     compile_seconds = time.perf_counter() - started
-    state, metrics = compiled(state, images, labels, epoch_key(data_key, 0))  # warm-up, not timed
+    state, metrics = compiled(state, images, labels, jax.random.fold_in(data_key, 0))  # warm-up, not timed
     jax.block_until_ready(metrics)
     times = []
     for epoch in range(1, args.epochs + 1):
         started = time.perf_counter()
-        state, metrics = compiled(state, images, labels, epoch_key(data_key, epoch))
+        state, metrics = compiled(state, images, labels, jax.random.fold_in(data_key, epoch))
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - started)
     device = jax.devices()[0]
@@ -160,14 +160,17 @@ def worker_torch_lesson(args: argparse.Namespace) -> dict:
 WORKERS = {"jaxmnist": worker_jaxmnist, "torch_tuned": worker_torch_tuned, "torch_lesson": worker_torch_lesson}
 
 
-def run_worker(name: str, args: argparse.Namespace, **overrides) -> dict:
+def run_worker(name: str, args: argparse.Namespace, source: Path | None = None, **overrides) -> dict:
     options = {"epochs": args.epochs, "batch_size": 64, "lesson_steps": args.lesson_steps, **overrides}
     command = [sys.executable, __file__, "--worker", name] + [
         f"--{key.replace('_', '-')}={value}" for key, value in options.items()
     ]
     if args.data_dir:
         command.append(f"--data-dir={args.data_dir}")
-    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    env = dict(os.environ)
+    if source is not None:  # another checkout of jaxmnist, e.g. the commit before a change
+        env["PYTHONPATH"] = f"{source}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    output = subprocess.run(command, capture_output=True, text=True, check=True, env=env).stdout
     return json.loads(output.strip().splitlines()[-1])
 
 
@@ -219,6 +222,16 @@ def main() -> int:
     parser.add_argument("--lesson-steps", type=int, default=300, help="batches of the lesson's loop timed per epoch")
     parser.add_argument("--data-dir", type=Path, default=None, help="MNIST folder (default: $JAXMNIST_DATA_DIR)")
     parser.add_argument("--json", type=Path, default=Path("benchmark.json"))
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        metavar="CHECKOUT",
+        help="also time the lesson's epoch with the jaxmnist of another checkout (e.g. a git worktree of the "
+        "commit before a change), interleaved with this one",
+    )
+    parser.add_argument("--no-torch", action="store_true", help="time jaxmnist only")
+    parser.add_argument("--no-startup", action="store_true", help="skip the import and command-line timings")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--batch-size", type=int, default=64, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -228,7 +241,9 @@ def main() -> int:
         return 0
 
     contenders = {f"jaxmnist batch {size}": ("jaxmnist", {"batch_size": size}) for size in (64, 256, 1024)}
-    if has_torch():
+    if args.baseline is not None:
+        contenders["baseline batch 64"] = ("jaxmnist", {"batch_size": 64, "source": args.baseline})
+    if has_torch() and not args.no_torch:
         contenders["PyTorch tuned eager"] = ("torch_tuned", {})
         contenders["PyTorch lesson loop"] = ("torch_lesson", {})
     else:
@@ -238,7 +253,7 @@ def main() -> int:
         for label, (worker, overrides) in contenders.items():
             runs[label].append(run_worker(worker, args, **overrides))
             print(f"round {round_index + 1}/{args.repeats}: {label} done", file=sys.stderr, flush=True)
-    startup = startup_checks(args)
+    startup = None if args.no_startup else startup_checks(args)
 
     first = runs["jaxmnist batch 64"][0]
     reference_per_round = [statistics.median(run["epoch_seconds"]) for run in runs["jaxmnist batch 64"]]
@@ -285,14 +300,15 @@ def main() -> int:
         compile_text = f"{row['compile_seconds']:.2f}" if row["compile_seconds"] is not None else "-"
         print(
             f"{row['contender']:<22} {row['epoch_seconds']:>8.3f} {row['samples_per_second']:>10,.0f} "
-            f"{row['times_jaxmnist']:>10.1f} {compile_text:>9} {row['peak_rss_mib']:>12.0f}  {row['note']}"
+            f"{row['times_jaxmnist']:>10.2f} {compile_text:>9} {row['peak_rss_mib']:>12.0f}  {row['note']}"
         )
-    print(
-        f"\nimport jaxmnist: {startup['import_seconds']:.2f} s; python -m jaxmnist.train --epochs 1: "
-        f"{startup['cli_one_epoch_cold_seconds']:.2f} s cold cache, "
-        f"{startup['cli_one_epoch_warm_seconds']:.2f} s warm; 5 epochs: {startup['cli_five_epochs_seconds']:.2f} s, "
-        f"peak RSS {startup['cli_five_epochs_peak_rss_mib']:.0f} MiB"
-    )
+    if startup is not None:
+        print(
+            f"\nimport jaxmnist: {startup['import_seconds']:.2f} s; python -m jaxmnist.train --epochs 1: "
+            f"{startup['cli_one_epoch_cold_seconds']:.2f} s cold cache, "
+            f"{startup['cli_one_epoch_warm_seconds']:.2f} s warm; 5 epochs: "
+            f"{startup['cli_five_epochs_seconds']:.2f} s, peak RSS {startup['cli_five_epochs_peak_rss_mib']:.0f} MiB"
+        )
     args.json.write_text(json.dumps(report, indent=1))
     print(f"wrote {args.json}")
     return 0

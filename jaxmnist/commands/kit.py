@@ -16,6 +16,7 @@ from jaxmnist.paths import DATA_DIR_ENV, default_data_dir
 
 EXIT_FAILURE = 1  # training diverged, or an unexpected fault
 EXIT_BAD_INPUT = 2
+EXIT_WRITE_FAILED = 74  # sysexits' EX_IOERR: an output could not be written (e.g. a full disk)
 EXIT_INTERRUPTED = 130
 
 # API arguments that a shared flag sets; each command adds its own.

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from jaxmnist.config import TrainConfig
+from jaxmnist.files import reason, write_atomically
 from jaxmnist.fit import EpochResult, Progress
 
 
@@ -23,8 +24,28 @@ def epoch_lines(result: EpochResult, config: TrainConfig) -> str:
     )
 
 
+class OutputWriteError(OSError):
+    """An output file could not be written; the message names it and the system's reason, in words."""
+
+    def __init__(self, path: Path, error: OSError):
+        super().__init__(error.errno, f"cannot write {path}: {reason(error)}")
+        self.path = path
+
+
+def write_output(path: Path, content: bytes) -> None:
+    """Writes an output file atomically; ``OutputWriteError`` naming it when the system refuses."""
+    try:
+        write_atomically(path, content)
+    except OSError as error:
+        raise OutputWriteError(path, error) from error
+
+
 class Reporter:
-    """Progress bar on a terminal, a printed block per epoch, the metrics file and, at the end, the plot."""
+    """Progress bar on a terminal, a printed block per epoch, the metrics file and, at the end, the plot.
+
+    The metrics file is rewritten whole (atomically) from the run's results after every epoch, so after
+    any interruption and resume it holds exactly one record per finished epoch.
+    """
 
     def __init__(
         self,
@@ -35,23 +56,22 @@ class Reporter:
         quiet: bool,
         metrics_out: Path | None,
         plot: Path | None,
-        append: bool,
+        results: tuple[EpochResult, ...] = (),
     ):
         from tqdm.auto import tqdm
 
         self.config, self.steps_per_epoch = config, steps_per_epoch
         self.metrics_out, self.plot = metrics_out, plot
-        self.results: list[EpochResult] = []
+        self.results: list[EpochResult] = list(results)
         self.bar = tqdm(
             total=config.epochs * steps_per_epoch,
             initial=self._steps_done(start),
             unit="step",
             disable=quiet or not sys.stderr.isatty(),
             leave=False,
-            ncols=shutil.get_terminal_size((100, 24)).columns,
-        )  # a new pty may report width 0
-        if metrics_out is not None and not append:
-            metrics_out.write_text("")
+            ncols=shutil.get_terminal_size((100, 24)).columns,  # a new pty may report width 0
+        )
+        self._write_metrics()
 
     def _steps_done(self, progress: Progress | None) -> int:
         return 0 if progress is None else (progress.epoch - 1) * self.steps_per_epoch + progress.position
@@ -64,19 +84,25 @@ class Reporter:
         self.results.append(progress.result)
         self.bar.write(epoch_lines(progress.result, self.config))
         sys.stdout.flush()
+        self._write_metrics()
+
+    def _write_metrics(self) -> None:
         if self.metrics_out is not None:
-            with self.metrics_out.open("a") as metrics:
-                metrics.write(json.dumps(dataclasses.asdict(progress.result)) + "\n")
+            lines = "".join(json.dumps(dataclasses.asdict(result)) + "\n" for result in self.results)
+            write_output(self.metrics_out, lines.encode())
 
     def close(self) -> None:
         self.bar.close()
-        if self.plot is not None and self.results:
-            from jaxmnist.plots import plot_losses
 
-            plot_losses(
-                [r.train_loss for r in self.results],
-                [r.test_loss for r in self.results],
-                self.plot,
-                first_epoch=self.results[0].epoch,
-            )
-            print(f"loss plot written to {self.plot}")
+    def draw_plot(self) -> None:
+        """The loss curves of every finished epoch, resumed ones included, into ``plot``."""
+        if self.plot is None or not self.results:
+            return
+        from jaxmnist.plots import plot_losses
+
+        train_losses, test_losses = [r.train_loss for r in self.results], [r.test_loss for r in self.results]
+        try:
+            plot_losses(train_losses, test_losses, self.plot, first_epoch=self.results[0].epoch)
+        except OSError as error:
+            raise OutputWriteError(self.plot, error) from error
+        print(f"loss plot written to {self.plot}")

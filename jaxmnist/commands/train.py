@@ -23,6 +23,7 @@ from jaxmnist.commands.kit import (
     EXIT_BAD_INPUT,
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
+    EXIT_WRITE_FAILED,
     OneLineParser,
     add_data_arguments,
     configure_jax,
@@ -125,14 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--resume",
         action="store_true",
-        help="continue from the newest checkpoint in --checkpoint-dir, exactly where it stopped",
+        help="continue from the newest intact checkpoint in --checkpoint-dir, exactly where it stopped; "
+        "with none there yet, start a new run (so one command line serves every restart)",
     )
     parser.add_argument(
         "--metrics-out",
         type=Path,
         default=None,
         metavar="FILE.jsonl",
-        help="append one JSON record per epoch (losses, accuracies, seconds, images/s); started afresh unless --resume",
+        help="one JSON record per finished epoch (losses, accuracies, seconds, images/s), rewritten atomically "
+        "after every epoch; a resumed run keeps the records of the epochs its checkpoint finished",
     )
     parser.add_argument(
         "--plot",
@@ -275,38 +278,51 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         return _train(args, argv, config, mesh, writer=False)
 
 
+def _resume(args: argparse.Namespace, config: TrainConfig):
+    """The checkpoint to continue from, saying which damaged ones were passed over; None: a new run."""
+    from jaxmnist.checkpoint import resume
+
+    restored, damaged = resume(args.checkpoint_dir, config)
+    for line in damaged:
+        print(f"warning: skipping damaged checkpoint {line}", file=sys.stderr, flush=True)
+    if restored is None:
+        print(f"no checkpoint in {args.checkpoint_dir} yet: starting a new run", flush=True)
+        return None
+    where = f"epoch {restored.progress.epoch}, {restored.progress.position} steps into it"
+    print(f"resuming from {restored.path}: {where}", flush=True)
+    return restored
+
+
 def _train(args: argparse.Namespace, argv: list[str], config: TrainConfig, mesh, writer: bool) -> int:
-    from jaxmnist.checkpoint import latest_checkpoint, restore_progress, save_checkpoint, save_params
-    from jaxmnist.commands.reporting import Reporter
+    from jaxmnist.checkpoint import save_checkpoint
+    from jaxmnist.commands.reporting import OutputWriteError, Reporter, write_output
     from jaxmnist.commands.stopping import GracefulStop
     from jaxmnist.fit import fit
     from jaxmnist.train import num_batches
 
     if writer:
         check_outputs(args)
-    start = None
-    if args.resume:
-        path = latest_checkpoint(args.checkpoint_dir)
-        start = restore_progress(path, config)
-        print(f"resuming from {path}: epoch {start.epoch}, {start.position} steps into it", flush=True)
+    restored = _resume(args, config) if args.resume else None
+    start, results = (restored.progress, restored.results) if restored else (None, ())
     train_data, test_data = load_splits(args)
     print(describe(config, len(train_data[0]), mesh), flush=True)
     if start is not None and start.epoch > config.epochs:
         print(f"nothing to do: the checkpoint has finished {start.epoch - 1} epochs (--epochs {config.epochs})")
         return 0
 
-    reporter = Reporter(
-        config,
-        num_batches(len(train_data[0]), config.batch_size),
-        start,
-        quiet=args.quiet,
-        metrics_out=args.metrics_out,
-        plot=args.plot,
-        append=args.resume,
-    )
-    saved_at, progress = None, start
+    saved_at = restored.path if restored else None
     try:
-        with GracefulStop() as stop:
+        reporter = Reporter(
+            config,
+            num_batches(len(train_data[0]), config.batch_size),
+            start,
+            quiet=args.quiet,
+            metrics_out=args.metrics_out,
+            plot=args.plot,
+            results=results,
+        )
+        progress = start
+        with GracefulStop() as stop, contextlib.closing(reporter):
             steps = fit(
                 config,
                 train_data,
@@ -317,18 +333,41 @@ def _train(args: argparse.Namespace, argv: list[str], config: TrainConfig, mesh,
                 mesh=mesh if mesh.size > 1 else None,
             )
             for progress in steps:
+                # The metrics record goes first: a kill before the checkpoint redoes the epoch, and the
+                # resumed run rewrites the file from the checkpoint's results.
                 reporter.update(progress)
                 checkpoint_now = progress.epoch_done or args.checkpoint_every or stop.signal_number
                 if writer and args.checkpoint_dir is not None and checkpoint_now:
-                    saved_at = save_checkpoint(args.checkpoint_dir, config, progress, keep=args.keep)
+                    path = args.checkpoint_dir / f"ckpt-{int(progress.state.step):08d}.msgpack"
+                    try:
+                        saved_at = save_checkpoint(
+                            args.checkpoint_dir, config, progress, keep=args.keep, results=tuple(reporter.results)
+                        )
+                    except OSError as error:
+                        raise OutputWriteError(path, error) from error
                 if stop.signal_number is not None:
+                    reporter.draw_plot()
                     return _report_stop(stop.signal_number, progress, saved_at, argv)
-    finally:
-        reporter.close()
-    if args.save is not None and progress is not None:
-        save_params(args.save, config, progress.state.params)
-        print(f"trained parameters written to {args.save}")
+        reporter.draw_plot()
+        if args.save is not None and progress is not None:
+            from jaxmnist.checkpoint import params_file_bytes
+
+            write_output(args.save, params_file_bytes(config, progress.state.params))
+            print(f"trained parameters written to {args.save}")
+    except OutputWriteError as error:
+        _report_write_failure(error, saved_at, argv, args.checkpoint_dir is not None)
+        return EXIT_WRITE_FAILED
     return 0
+
+
+def _report_write_failure(error, saved_at: Path | None, argv: list[str], checkpointing: bool) -> None:
+    if saved_at is not None:
+        then = f"the last good checkpoint is {saved_at}; make room, then resume with: {resume_command(argv)}"
+    elif checkpointing:
+        then = f"no checkpoint was written yet; make room, then rerun: {resume_command(argv)}"
+    else:
+        then = "nothing was saved (no --checkpoint-dir)"
+    print(f"error: {error.strerror}; {then}", file=sys.stderr)
 
 
 def resume_command(argv: list[str]) -> str:

@@ -1,0 +1,152 @@
+"""Faults made for real: kills at random instants, a truncated checkpoint, a file too large, a full disk.
+
+Every run here is the same command line with ``--resume``, as a scheduler restarting a preempted job
+would issue it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import pytest
+
+from jaxmnist import checkpoint
+from jaxmnist.data import write_mnist
+
+from conftest import make_digits
+
+EXIT_WRITE_FAILED = 74
+
+
+@pytest.fixture(scope="module")
+def small_mnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("fault-data")
+    write_mnist(folder, "train", *make_digits(1200, seed=3))
+    write_mnist(folder, "test", *make_digits(100, seed=4))
+    return folder
+
+
+def _command(data: Path, checkpoint_dir: Path, metrics: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "jaxmnist.train", "--data-dir", str(data), "--no-verify", "--epochs", "3",
+            "--batch-size", "16", "--checkpoint-dir", str(checkpoint_dir), "--checkpoint-every", "10",
+            "--metrics-out", str(metrics), "--resume", "--no-compile-cache", *extra]  # fmt: skip
+
+
+def _final_params(folder: Path) -> list[bytes]:
+    restored = checkpoint.serialization.msgpack_restore(checkpoint.checkpoint_paths(folder)[-1].read_bytes())
+    return [leaf.tobytes() for leaf in jax.tree.leaves(restored["state"]["params"])]
+
+
+def _losses(metrics: Path) -> list[tuple[int, float]]:
+    return [(record["epoch"], record["train_loss"]) for record in map(json.loads, metrics.read_text().splitlines())]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(small_mnist: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[list, list]:
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    result = subprocess.run(_command(small_mnist, folder / "ck", folder / "m.jsonl"), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "starting a new run" in result.stdout
+    return _losses(folder / "m.jsonl"), _final_params(folder / "ck")
+
+
+def test_ten_kills_at_random_instants_then_the_same_command_ends_like_the_uninterrupted_run(
+    small_mnist: Path, uninterrupted, tmp_path: Path
+):
+    command = _command(small_mnist, tmp_path / "ck", tmp_path / "m.jsonl")
+    rng = random.Random(2026)
+    # The first kills land in the first second (start-up, compilation); the later ones anywhere.
+    instants = [rng.uniform(0.05, 1.0) for _ in range(3)] + [rng.uniform(0.5, 6.0) for _ in range(7)]
+    killed = 0
+    for instant in instants:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(instant)
+        process.send_signal(signal.SIGKILL)
+        killed += process.wait(timeout=120) == -signal.SIGKILL
+    assert killed >= 8, "the runs ended before they could be killed"
+    finish = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert finish.returncode == 0, finish.stderr
+    losses, params = uninterrupted
+    assert _losses(tmp_path / "m.jsonl") == losses  # one record per epoch, none missing or repeated
+    assert _final_params(tmp_path / "ck") == params
+    assert not list((tmp_path / "ck").glob(".*.tmp"))
+
+
+def test_a_truncated_newest_checkpoint_is_skipped_naming_it(small_mnist: Path, uninterrupted, tmp_path: Path):
+    command = _command(small_mnist, tmp_path / "ck", tmp_path / "m.jsonl")
+    first = subprocess.run([*command[:-2], "--epochs", "2", command[-1]], capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    newest = checkpoint.checkpoint_paths(tmp_path / "ck")[-1]
+    newest.write_bytes(newest.read_bytes()[:1000])
+    resumed = subprocess.run(command, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    warning = [line for line in resumed.stderr.splitlines() if "damaged" in line]
+    assert len(warning) == 1 and str(newest) in warning[0] and "incomplete input" in warning[0]
+    losses, params = uninterrupted
+    assert _losses(tmp_path / "m.jsonl") == losses and _final_params(tmp_path / "ck") == params
+
+    for path in checkpoint.checkpoint_paths(tmp_path / "ck"):
+        path.write_bytes(b"")
+    none_left = subprocess.run(command, capture_output=True, text=True)
+    assert none_left.returncode == 2 and none_left.stderr.count("\n") == 1
+    assert f"{tmp_path / 'ck'}: none of its" in none_left.stderr
+
+
+def _limit_file_size() -> None:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))  # a checkpoint is larger
+
+
+def test_a_file_too_large_is_one_line_exit_74_and_leaves_no_temporary_file(small_mnist, uninterrupted, tmp_path):
+    command = _command(small_mnist, tmp_path / "ck", tmp_path / "m.jsonl")
+    failed = subprocess.run(command, capture_output=True, text=True, preexec_fn=_limit_file_size)
+    assert failed.returncode == EXIT_WRITE_FAILED, failed.stderr
+    assert failed.stderr.count("\n") == 1 and "Traceback" not in failed.stderr
+    assert "cannot write" in failed.stderr and "file too large" in failed.stderr and "--resume" in failed.stderr
+    assert not [path for path in (tmp_path / "ck").iterdir()]
+    resumed = subprocess.run(command, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _final_params(tmp_path / "ck") == uninterrupted[1]
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 1 MiB tmpfs: room for two checkpoints of the lesson's MLP, not three."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)], capture_output=True
+    ).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root) to fill a disk for real")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_a_full_disk_says_which_checkpoint_is_good_and_resuming_matches(
+    small_mnist, uninterrupted, small_disk, tmp_path
+):
+    command = _command(small_mnist, small_disk / "ck", tmp_path / "m.jsonl")
+    failed = subprocess.run(command, capture_output=True, text=True)
+    assert failed.returncode == EXIT_WRITE_FAILED, failed.stderr
+    good = checkpoint.checkpoint_paths(small_disk / "ck")[-1]
+    assert failed.stderr.count("\n") == 1 and "no space left on device" in failed.stderr
+    assert f"the last good checkpoint is {good}" in failed.stderr and "resume with:" in failed.stderr
+    assert not list((small_disk / "ck").glob(".*.tmp"))
+    shutil.copytree(small_disk / "ck", tmp_path / "ck")
+    moved = [
+        *command[: command.index("--checkpoint-dir") + 1],
+        str(tmp_path / "ck"),
+        *command[command.index("--checkpoint-dir") + 2 :],
+    ]
+    resumed = subprocess.run(moved, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _final_params(tmp_path / "ck") == uninterrupted[1]
+    assert _losses(tmp_path / "m.jsonl") == uninterrupted[0]

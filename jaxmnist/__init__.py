@@ -23,7 +23,7 @@ _EXPORTS = {
     "mse_loss": "jaxmnist.losses",
     "accuracy": "jaxmnist.losses",
     "TrainConfig": "jaxmnist.config",
-    "fit": "jaxmnist.fit",
+    "fit": "jaxmnist.loop",
     "train_chunk": "jaxmnist.train",
 }
 
@@ -32,7 +32,7 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on first use
     from jaxmnist.config import TrainConfig  # noqa: F401
     from jaxmnist.data import load_mnist  # noqa: F401
-    from jaxmnist.fit import fit  # noqa: F401
+    from jaxmnist.loop import fit  # noqa: F401
     from jaxmnist.losses import accuracy, cross_entropy_loss, mse_loss, nll_loss  # noqa: F401
     from jaxmnist.model import MLP  # noqa: F401
     from jaxmnist.normalization import normalize  # noqa: F401

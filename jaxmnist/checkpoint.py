@@ -22,7 +22,7 @@ from flax import serialization
 
 from jaxmnist.config import RESUMABLE_CHANGES, TrainConfig, config_from_dict, config_to_dict, initial_state, run_keys
 from jaxmnist.files import remove_temporary_files, write_atomically
-from jaxmnist.fit import EpochResult, Progress
+from jaxmnist.loop import EpochResult, Progress
 
 FORMAT = "jaxmnist-checkpoint"
 VERSION = 2  # 2: the train state carries its collections and PRNG key
@@ -63,6 +63,11 @@ def checkpoint_paths(directory: Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
+def checkpoint_path(directory: Path, step: int) -> Path:
+    """Where the checkpoint taken after ``step`` steps goes."""
+    return directory / f"ckpt-{step:08d}.msgpack"
+
+
 def save_checkpoint(
     directory: Path, config: TrainConfig, progress: Progress, keep: int = 3, results: tuple[EpochResult, ...] = ()
 ) -> Path:
@@ -85,7 +90,7 @@ def save_checkpoint(
         "data_key": np.asarray(jax.random.key_data(run_keys(config.seed)[1])),
         "results": json.dumps([dataclasses.asdict(result) for result in results]),
     }
-    path = directory / f"ckpt-{int(progress.state.step):08d}.msgpack"
+    path = checkpoint_path(directory, int(progress.state.step))
     write_atomically(path, serialization.msgpack_serialize(jax.device_get(payload)))
     for old in checkpoint_paths(directory)[:-keep]:
         old.unlink(missing_ok=True)
@@ -105,16 +110,6 @@ def read_checkpoint(path: Path) -> tuple[TrainConfig, dict[str, Any]]:
     except Exception as error:  # msgpack, json and our own checks raise assorted types
         raise DamagedCheckpointError(f"{path}: damaged or not a jaxmnist checkpoint ({error})") from error
     return config, payload
-
-
-def latest_checkpoint(directory: Path) -> Path:
-    """The newest checkpoint file in ``directory``; ``CheckpointError`` saying what is there if none."""
-    if not directory.is_dir():
-        raise CheckpointError(f"{directory}: no such checkpoint folder")
-    paths = checkpoint_paths(directory)
-    if not paths:
-        raise CheckpointError(f"{directory}: holds no jaxmnist checkpoint (ckpt-<step>.msgpack files)")
-    return paths[-1]
 
 
 def restore_progress(path: Path, config: TrainConfig) -> Progress:

@@ -167,8 +167,8 @@ def plot(report: dict, path: Path) -> None:
 def distribution(args: argparse.Namespace) -> dict:
     from jaxmnist.config import TrainConfig
     from jaxmnist.data import load_mnist
-    from jaxmnist.fit import fit
     from jaxmnist.lesson import PYTORCH_LOSS_BAND, PYTORCH_TEST_ACCURACY
+    from jaxmnist.loop import fit
 
     train_data, test_data = load_mnist("train", args.data_dir), load_mnist("test", args.data_dir)
     losses, accuracies = [], []

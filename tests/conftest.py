@@ -41,6 +41,15 @@ def tiny_mnist_dir(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.fixture(scope="session")
+def small_mnist_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with 1,200 training and 100 test images, for command-line runs (load with --no-verify)."""
+    folder = tmp_path_factory.mktemp("small-mnist")
+    write_mnist(folder, "train", *make_digits(1200, seed=3))
+    write_mnist(folder, "test", *make_digits(100, seed=4))
+    return folder
+
+
 @pytest.fixture
 def real_mnist_dir() -> Path:
     """The real MNIST folder named by $JAXMNIST_DATA_DIR; the test is skipped without it."""

@@ -20,7 +20,7 @@ import optax
 sys.path.insert(0, str(Path(__file__).parent))
 from jaxmnist.config import TrainConfig
 from jaxmnist.data import load_mnist
-from jaxmnist.fit import fit
+from jaxmnist.loop import fit
 from jaxmnist.parallel import make_mesh, replicate
 from jaxmnist.paths import DATA_DIR_ENV
 from jaxmnist.train import create_train_state, train_epoch

@@ -4,7 +4,6 @@ flag list in docs/command-line.md is the train command's ``--help``."""
 from __future__ import annotations
 
 import doctest
-import importlib
 import inspect
 import re
 from pathlib import Path
@@ -26,8 +25,7 @@ def standard_promotion():
 
 @pytest.mark.parametrize("name", jaxmnist.__all__)
 def test_every_public_name_documents_itself_with_an_example_that_runs(name: str):
-    # From its module: once the submodule jaxmnist.fit is imported, the package attribute `fit` is that module.
-    value = getattr(importlib.import_module(jaxmnist._EXPORTS[name]), name)
+    value = getattr(jaxmnist, name)
     docstring = inspect.getdoc(value) or ""
     assert ">>>" in docstring, f"jaxmnist.{name} has no runnable example"
     if inspect.isfunction(value) or hasattr(value, "__wrapped__"):

@@ -20,19 +20,8 @@ import jax
 import pytest
 
 from jaxmnist import checkpoint
-from jaxmnist.data import write_mnist
-
-from conftest import make_digits
 
 EXIT_WRITE_FAILED = 74
-
-
-@pytest.fixture(scope="module")
-def small_mnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("fault-data")
-    write_mnist(folder, "train", *make_digits(1200, seed=3))
-    write_mnist(folder, "test", *make_digits(100, seed=4))
-    return folder
 
 
 def _command(data: Path, checkpoint_dir: Path, metrics: Path, *extra: str) -> list[str]:
@@ -51,18 +40,20 @@ def _losses(metrics: Path) -> list[tuple[int, float]]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(small_mnist: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[list, list]:
+def uninterrupted(small_mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[list, list]:
     folder = tmp_path_factory.mktemp("uninterrupted")
-    result = subprocess.run(_command(small_mnist, folder / "ck", folder / "m.jsonl"), capture_output=True, text=True)
+    result = subprocess.run(
+        _command(small_mnist_dir, folder / "ck", folder / "m.jsonl"), capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
     assert "starting a new run" in result.stdout
     return _losses(folder / "m.jsonl"), _final_params(folder / "ck")
 
 
 def test_ten_kills_at_random_instants_then_the_same_command_ends_like_the_uninterrupted_run(
-    small_mnist: Path, uninterrupted, tmp_path: Path
+    small_mnist_dir: Path, uninterrupted, tmp_path: Path
 ):
-    command = _command(small_mnist, tmp_path / "ck", tmp_path / "m.jsonl")
+    command = _command(small_mnist_dir, tmp_path / "ck", tmp_path / "m.jsonl")
     rng = random.Random(2026)
     # The first kills land in the first second (start-up, compilation); the later ones anywhere.
     instants = [rng.uniform(0.05, 1.0) for _ in range(3)] + [rng.uniform(0.5, 6.0) for _ in range(7)]
@@ -81,8 +72,8 @@ def test_ten_kills_at_random_instants_then_the_same_command_ends_like_the_uninte
     assert not list((tmp_path / "ck").glob(".*.tmp"))
 
 
-def test_a_truncated_newest_checkpoint_is_skipped_naming_it(small_mnist: Path, uninterrupted, tmp_path: Path):
-    command = _command(small_mnist, tmp_path / "ck", tmp_path / "m.jsonl")
+def test_a_truncated_newest_checkpoint_is_skipped_naming_it(small_mnist_dir: Path, uninterrupted, tmp_path: Path):
+    command = _command(small_mnist_dir, tmp_path / "ck", tmp_path / "m.jsonl")
     first = subprocess.run([*command[:-2], "--epochs", "2", command[-1]], capture_output=True, text=True)
     assert first.returncode == 0, first.stderr
     newest = checkpoint.checkpoint_paths(tmp_path / "ck")[-1]
@@ -105,8 +96,8 @@ def _limit_file_size() -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))  # a checkpoint is larger
 
 
-def test_a_file_too_large_is_one_line_exit_74_and_leaves_no_temporary_file(small_mnist, uninterrupted, tmp_path):
-    command = _command(small_mnist, tmp_path / "ck", tmp_path / "m.jsonl")
+def test_a_file_too_large_is_one_line_exit_74_and_leaves_no_temporary_file(small_mnist_dir, uninterrupted, tmp_path):
+    command = _command(small_mnist_dir, tmp_path / "ck", tmp_path / "m.jsonl")
     failed = subprocess.run(command, capture_output=True, text=True, preexec_fn=_limit_file_size)
     assert failed.returncode == EXIT_WRITE_FAILED, failed.stderr
     assert failed.stderr.count("\n") == 1 and "Traceback" not in failed.stderr
@@ -131,9 +122,9 @@ def small_disk(tmp_path: Path):
 
 
 def test_a_full_disk_says_which_checkpoint_is_good_and_resuming_matches(
-    small_mnist, uninterrupted, small_disk, tmp_path
+    small_mnist_dir, uninterrupted, small_disk, tmp_path
 ):
-    command = _command(small_mnist, small_disk / "ck", tmp_path / "m.jsonl")
+    command = _command(small_mnist_dir, small_disk / "ck", tmp_path / "m.jsonl")
     failed = subprocess.run(command, capture_output=True, text=True)
     assert failed.returncode == EXIT_WRITE_FAILED, failed.stderr
     good = checkpoint.checkpoint_paths(small_disk / "ck")[-1]

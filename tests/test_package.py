@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 
@@ -42,3 +43,9 @@ def test_unknown_attribute_is_an_attribute_error():
         assert "no_such_thing" in str(error)
     else:
         raise AssertionError("expected AttributeError")
+
+
+def test_no_export_shares_its_name_with_a_submodule():
+    # Importing a submodule sets the package attribute of its name, which would hide the export.
+    clashes = [name for name in jaxmnist.__all__ if importlib.util.find_spec(f"jaxmnist.{name}") is not None]
+    assert not clashes

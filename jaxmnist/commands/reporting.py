@@ -10,7 +10,7 @@ from pathlib import Path
 
 from jaxmnist.config import TrainConfig
 from jaxmnist.files import reason, write_atomically
-from jaxmnist.fit import EpochResult, Progress
+from jaxmnist.loop import EpochResult, Progress
 
 
 def epoch_lines(result: EpochResult, config: TrainConfig) -> str:

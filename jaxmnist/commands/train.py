@@ -38,7 +38,7 @@ from jaxmnist.config import TrainConfig
 
 PROG = "python -m jaxmnist.train"
 # API arguments of the library that flags other than the config's set.
-RUN_FLAGS = {"num_devices": "--devices", "platform": "--platform", "max_loss": "--max-loss"}
+RUN_FLAGS = {"num_devices": "--devices", "platform": "--platform"}
 
 
 class OutputError(ValueError):
@@ -63,7 +63,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jaxmnist.fit import DEFAULT_MAX_LOSS
+    from jaxmnist.loop import DEFAULT_MAX_LOSS
 
     parser = OneLineParser(
         prog=PROG,
@@ -192,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _check_flag_combinations(parser, args)
     from jaxmnist.checkpoint import CheckpointError
     from jaxmnist.data import DataError
-    from jaxmnist.fit import DivergenceError
+    from jaxmnist.loop import DivergenceError
     from jaxmnist.parallel import DeviceError
 
     flags = {**config_flags(), **RUN_FLAGS}
@@ -294,10 +294,10 @@ def _resume(args: argparse.Namespace, config: TrainConfig):
 
 
 def _train(args: argparse.Namespace, argv: list[str], config: TrainConfig, mesh, writer: bool) -> int:
-    from jaxmnist.checkpoint import save_checkpoint
+    from jaxmnist.checkpoint import checkpoint_path, params_file_bytes, save_checkpoint
     from jaxmnist.commands.reporting import OutputWriteError, Reporter, write_output
     from jaxmnist.commands.stopping import GracefulStop
-    from jaxmnist.fit import fit
+    from jaxmnist.loop import fit
     from jaxmnist.train import num_batches
 
     if writer:
@@ -338,7 +338,7 @@ def _train(args: argparse.Namespace, argv: list[str], config: TrainConfig, mesh,
                 reporter.update(progress)
                 checkpoint_now = progress.epoch_done or args.checkpoint_every or stop.signal_number
                 if writer and args.checkpoint_dir is not None and checkpoint_now:
-                    path = args.checkpoint_dir / f"ckpt-{int(progress.state.step):08d}.msgpack"
+                    path = checkpoint_path(args.checkpoint_dir, int(progress.state.step))
                     try:
                         saved_at = save_checkpoint(
                             args.checkpoint_dir, config, progress, keep=args.keep, results=tuple(reporter.results)
@@ -350,8 +350,6 @@ def _train(args: argparse.Namespace, argv: list[str], config: TrainConfig, mesh,
                     return _report_stop(stop.signal_number, progress, saved_at, argv)
         reporter.draw_plot()
         if args.save is not None and progress is not None:
-            from jaxmnist.checkpoint import params_file_bytes
-
             write_output(args.save, params_file_bytes(config, progress.state.params))
             print(f"trained parameters written to {args.save}")
     except OutputWriteError as error:

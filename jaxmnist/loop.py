@@ -1,4 +1,4 @@
-"""The lesson's training run as a library call: config in, progress and one result per epoch out.
+"""The training loop as a library call, ``fit``: config in, progress and one result per epoch out.
 
 ``fit`` places the data on the device once, compiles ahead of time (timed on its own), and runs each
 epoch as one compiled call, or in chunks of ``steps_per_call`` steps when the caller wants to

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from flax import serialization
 
-from jaxmnist.config import RESUMABLE_CHANGES, TrainConfig, config_from_dict, config_to_dict, initial_state, run_keys
+from jaxmnist.config import TrainConfig, config_from_dict, config_to_dict, initial_state, run_keys
 from jaxmnist.files import remove_temporary_files, write_atomically
 from jaxmnist.loop import EpochResult, Progress
 
@@ -39,11 +39,10 @@ class DamagedCheckpointError(CheckpointError):
 
 @dataclasses.dataclass(frozen=True)
 class Restored:
-    """A run read back from a checkpoint: where it stands, and the results of its finished epochs."""
+    """A run read back from a checkpoint file."""
 
     path: Path
     progress: Progress
-    results: tuple[EpochResult, ...]
 
 
 def config_differences(saved: TrainConfig, current: TrainConfig) -> list[tuple[str, Any, Any]]:
@@ -51,7 +50,7 @@ def config_differences(saved: TrainConfig, current: TrainConfig) -> list[tuple[s
     return [
         (field.name, getattr(saved, field.name), getattr(current, field.name))
         for field in dataclasses.fields(TrainConfig)
-        if field.name not in RESUMABLE_CHANGES and getattr(saved, field.name) != getattr(current, field.name)
+        if field.name not in current.resumable_changes() and getattr(saved, field.name) != getattr(current, field.name)
     ]
 
 
@@ -68,10 +67,8 @@ def checkpoint_path(directory: Path, step: int) -> Path:
     return directory / f"ckpt-{step:08d}.msgpack"
 
 
-def save_checkpoint(
-    directory: Path, config: TrainConfig, progress: Progress, keep: int = 3, results: tuple[EpochResult, ...] = ()
-) -> Path:
-    """Writes ``progress`` (and the ``results`` of the finished epochs) as the newest checkpoint.
+def save_checkpoint(directory: Path, config: TrainConfig, progress: Progress, keep: int = 3) -> Path:
+    """Writes ``progress``, the results of its finished epochs included, as the newest checkpoint.
 
     Only the ``keep`` newest checkpoints stay. The write is atomic: a failure (e.g. a full disk) raises
     ``OSError`` and leaves the earlier checkpoints as they were, with no temporary file behind.
@@ -88,7 +85,7 @@ def save_checkpoint(
         "step_losses": np.asarray(progress.step_losses),
         "step_accuracies": np.asarray(progress.step_accuracies),
         "data_key": np.asarray(jax.random.key_data(run_keys(config.seed)[1])),
-        "results": json.dumps([dataclasses.asdict(result) for result in results]),
+        "results": json.dumps([dataclasses.asdict(result) for result in progress.history]),
     }
     path = checkpoint_path(directory, int(progress.state.step))
     write_atomically(path, serialization.msgpack_serialize(jax.device_get(payload)))
@@ -112,15 +109,18 @@ def read_checkpoint(path: Path) -> tuple[TrainConfig, dict[str, Any]]:
     return config, payload
 
 
-def restore_progress(path: Path, config: TrainConfig) -> Progress:
-    """The progress saved in ``path``, checked against ``config`` (settings that change the math must match)."""
+def restore_progress(path: Path, config: TrainConfig, num_train_images: int) -> Progress:
+    """The progress saved in ``path``, checked against ``config`` (settings that change the math must match).
+
+    ``num_train_images`` is the training set's size before the held-out images (schedules span the run).
+    """
     saved_config, payload = read_checkpoint(path)
     differences = config_differences(saved_config, config)
     if differences:
         field, saved, current = differences[0]
         raise CheckpointError(f"{path}: cannot resume, {field} is {saved} in the checkpoint but {current} now")
     try:
-        state = serialization.from_state_dict(initial_state(config), payload["state"])
+        state = serialization.from_state_dict(initial_state(config, num_train_images), payload["state"])
         saved_key = np.asarray(payload["data_key"])
         if not np.array_equal(saved_key, np.asarray(jax.random.key_data(run_keys(config.seed)[1]))):
             raise ValueError("its RNG state does not match its seed")
@@ -130,20 +130,14 @@ def restore_progress(path: Path, config: TrainConfig) -> Progress:
             position=int(payload["position"]),
             step_losses=np.asarray(payload["step_losses"]),
             step_accuracies=np.asarray(payload["step_accuracies"]),
+            history=tuple(EpochResult(**values) for values in json.loads(payload.get("results", "[]"))),
         )
     except (KeyError, ValueError, TypeError) as error:
         raise DamagedCheckpointError(f"{path}: damaged checkpoint ({error})") from error
     return progress
 
 
-def _results(path: Path, payload: dict[str, Any]) -> tuple[EpochResult, ...]:
-    try:
-        return tuple(EpochResult(**values) for values in json.loads(payload.get("results", "[]")))
-    except (TypeError, ValueError) as error:
-        raise DamagedCheckpointError(f"{path}: its epoch results cannot be read ({error})") from error
-
-
-def resume(directory: Path, config: TrainConfig) -> tuple[Restored | None, list[str]]:
+def resume(directory: Path, config: TrainConfig, num_train_images: int) -> tuple[Restored | None, list[str]]:
     """The newest intact checkpoint in ``directory``, and a line for each newer one that is damaged.
 
     Stray temporary files of interrupted writes are removed. Returns ``(None, [])`` when the folder holds
@@ -156,8 +150,7 @@ def resume(directory: Path, config: TrainConfig) -> tuple[Restored | None, list[
     damaged = []
     for path in reversed(checkpoint_paths(directory)):
         try:
-            progress = restore_progress(path, config)
-            return Restored(path, progress, _results(path, read_checkpoint(path)[1])), damaged
+            return Restored(path, restore_progress(path, config, num_train_images)), damaged
         except DamagedCheckpointError as error:
             damaged.append(str(error))
     if damaged:

@@ -12,13 +12,28 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxmnist.losses import LOSSES
 from jaxmnist.model import ACTIVATIONS, MLP
 from jaxmnist.train import TrainState, create_train_state
 
-Kind = Literal["positive_int", "non_negative_int", "positive_float", "sizes", "choice"]
+Kind = Literal[
+    "positive_int", "non_negative_int", "positive_float", "non_negative_float", "fraction", "sizes", "choice"
+]
+
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")
+SCHEDULES = ("constant", "cosine", "warmup-cosine")
+DEFAULT_MOMENTUM = 0.9
+DEFAULT_WEIGHT_DECAY = 1e-4
+
+# Salts for keys derived from the seed besides the init and data keys (which stay split(key(seed))).
+_VALIDATION_SALT = 0x76616C  # "val"
+
+
+class SettingsError(ValueError):
+    """A setting, or a combination of settings, is not allowed; the message names the arguments."""
 
 
 def setting(
@@ -108,10 +123,73 @@ class TrainConfig:
         kind="choice",
         choices=("float32", "float64"),
     )
+    optimizer: str = setting(
+        "sgd", "the optax optimizer (default sgd, the lesson's)", flag="--optimizer", kind="choice", choices=OPTIMIZERS
+    )
+    momentum: float | None = setting(
+        None,
+        f"momentum of --optimizer momentum or nesterov, in [0, 1) (default {DEFAULT_MOMENTUM})",
+        flag="--momentum",
+        kind="fraction",
+        metavar="M",
+    )
+    weight_decay: float | None = setting(
+        None,
+        f"decoupled weight decay of --optimizer adamw (default {DEFAULT_WEIGHT_DECAY:g})",
+        flag="--weight-decay",
+        kind="non_negative_float",
+        metavar="W",
+    )
+    schedule: str = setting(
+        "constant",
+        "learning-rate schedule over the whole run: constant (default), cosine decay to 0, or warmup-cosine "
+        "(linear warm-up from 0 over --warmup-steps, then cosine decay)",
+        flag="--schedule",
+        kind="choice",
+        choices=SCHEDULES,
+    )
+    warmup_steps: int = setting(
+        0, "warm-up steps of --schedule warmup-cosine (default 0)", flag="--warmup-steps", kind="non_negative_int"
+    )
+    dropout: float = setting(
+        0.0,
+        "dropout rate after each hidden layer in training; inference runs without it (default 0, the lesson's)",
+        flag="--dropout",
+        kind="fraction",
+        metavar="P",
+    )
+    val_split: int = setting(
+        0,
+        "hold out N training images (the same ones for a seed, never trained on) and report validation loss "
+        "and accuracy each epoch (default 0: none)",
+        flag="--val-split",
+        kind="non_negative_int",
+        metavar="N",
+    )
+    early_stopping: int = setting(
+        0,
+        "stop when the validation loss has not improved for K epochs; needs --val-split (default 0: off)",
+        flag="--early-stopping",
+        kind="non_negative_int",
+        metavar="K",
+        resumable=True,
+    )
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             check_setting(field, getattr(self, field.name))
+        if self.momentum is not None and self.optimizer not in ("momentum", "nesterov"):
+            raise SettingsError(f"`momentum` is for optimizer 'momentum' or 'nesterov', not {self.optimizer!r}")
+        if self.weight_decay is not None and self.optimizer != "adamw":
+            raise SettingsError(f"`weight_decay` is for optimizer 'adamw', not {self.optimizer!r}")
+        if self.warmup_steps and self.schedule != "warmup-cosine":
+            raise SettingsError(f"`warmup_steps` is for schedule 'warmup-cosine', not {self.schedule!r}")
+        if self.early_stopping and not self.val_split:
+            raise SettingsError("`early_stopping` needs `val_split`=N: a held-out set whose loss it watches")
+
+    def resumable_changes(self) -> frozenset[str]:
+        """Settings a resumed run may change; the length of a scheduled run shapes its learning rates."""
+        return RESUMABLE_CHANGES if self.schedule == "constant" else RESUMABLE_CHANGES - {"epochs"}
 
 
 def check_setting(field: dataclasses.Field, value: Any) -> None:
@@ -119,15 +197,21 @@ def check_setting(field: dataclasses.Field, value: Any) -> None:
     kind, choices = field.metadata["kind"], field.metadata["choices"]
     name = f"`{field.name}`"
     if kind == "choice" and value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        raise SettingsError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
     if kind in ("positive_int", "non_negative_int") and not (
         isinstance(value, int) and value >= (kind == "positive_int")
     ):
-        raise ValueError(f"{name} must be a whole number >= {int(kind == 'positive_int')}, got {value!r}")
+        raise SettingsError(f"{name} must be a whole number >= {int(kind == 'positive_int')}, got {value!r}")
+    if value is None and field.default is None:
+        return
     if kind == "positive_float" and not (isinstance(value, int | float) and 0 < value < float("inf")):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        raise SettingsError(f"{name} must be a finite number > 0, got {value!r}")
+    if kind == "non_negative_float" and not (isinstance(value, int | float) and 0 <= value < float("inf")):
+        raise SettingsError(f"{name} must be a finite number >= 0, got {value!r}")
+    if kind == "fraction" and not (isinstance(value, int | float) and 0 <= value < 1):
+        raise SettingsError(f"{name} must be in [0, 1), got {value!r}")
     if kind == "sizes" and not (value and all(isinstance(size, int) and size >= 1 for size in value)):
-        raise ValueError(f"{name} must be whole numbers >= 1, got {value!r}")
+        raise SettingsError(f"{name} must be whole numbers >= 1, got {value!r}")
 
 
 RESUMABLE_CHANGES = frozenset(field.name for field in dataclasses.fields(TrainConfig) if field.metadata["resumable"])
@@ -150,12 +234,62 @@ def build_model(config: TrainConfig) -> MLP:
         activation=ACTIVATIONS[config.activation],
         weight_init=config.weight_init,
         param_dtype=jnp.dtype(config.dtype),
+        dropout_rate=config.dropout,
     )
 
 
-def build_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    """The optax optimizer that ``config`` describes."""
-    return optax.sgd(config.learning_rate)
+def steps_per_epoch(config: TrainConfig, num_train_images: int) -> int:
+    """Steps of one epoch over the training images left after the held-out ones."""
+    return -(-(num_train_images - config.val_split) // config.batch_size)
+
+
+def check_against_data(config: TrainConfig, num_train_images: int) -> None:
+    """Raises ``SettingsError`` for settings that do not fit a training set of ``num_train_images``."""
+    if config.val_split >= num_train_images:
+        raise SettingsError(f"`val_split`={config.val_split} must be below the {num_train_images} training images")
+    total_steps = config.epochs * steps_per_epoch(config, num_train_images)
+    if config.warmup_steps >= total_steps:
+        raise SettingsError(f"`warmup_steps`={config.warmup_steps} must be shorter than the run ({total_steps} steps)")
+
+
+def learning_rate_schedule(config: TrainConfig, total_steps: int) -> float | optax.Schedule:
+    """The learning rate, or its schedule over the run's ``total_steps``."""
+    if config.schedule == "constant":
+        return config.learning_rate
+    if config.schedule == "cosine":
+        return optax.cosine_decay_schedule(config.learning_rate, total_steps)
+    return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, config.warmup_steps, total_steps)
+
+
+def build_optimizer(config: TrainConfig, num_train_images: int) -> optax.GradientTransformation:
+    """The optax optimizer that ``config`` describes; a scheduled one exposes its learning rate.
+
+    Args:
+        config: the run's settings.
+        num_train_images: the training set's size before the held-out images (schedules span the run).
+
+    Returns:
+        The optimizer; with a schedule, ``optax.inject_hyperparams`` of it, so every step reports its rate.
+
+    Example:
+        >>> optimizer = build_optimizer(TrainConfig(optimizer="adam", schedule="cosine"), 60_000)
+        >>> float(optimizer.init({"w": jnp.zeros(2)}).hyperparams["learning_rate"])
+        0.003
+    """
+
+    def make(learning_rate: float | optax.Schedule) -> optax.GradientTransformation:
+        momentum = DEFAULT_MOMENTUM if config.momentum is None else config.momentum
+        if config.optimizer in ("momentum", "nesterov"):
+            return optax.sgd(learning_rate, momentum=momentum, nesterov=config.optimizer == "nesterov")
+        if config.optimizer == "adam":
+            return optax.adam(learning_rate)
+        if config.optimizer == "adamw":
+            decay = DEFAULT_WEIGHT_DECAY if config.weight_decay is None else config.weight_decay
+            return optax.adamw(learning_rate, weight_decay=decay)
+        return optax.sgd(learning_rate)
+
+    learning_rate = learning_rate_schedule(config, config.epochs * steps_per_epoch(config, num_train_images))
+    return make(learning_rate) if config.schedule == "constant" else optax.inject_hyperparams(make)(learning_rate)
 
 
 def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
@@ -169,7 +303,28 @@ def epoch_key(data_key: jax.Array, epoch: int) -> jax.Array:
     return jax.random.fold_in(data_key, epoch)
 
 
-def initial_state(config: TrainConfig) -> TrainState:
-    """The freshly initialized train state of a run."""
+def hold_out(config: TrainConfig, images: np.ndarray, labels: np.ndarray) -> tuple[tuple, tuple]:
+    """The training images split into ``(train, validation)``: ``val_split`` of them held out.
+
+    Which ones depends on the seed alone (a key of its own, so the init and shuffle keys do not move);
+    both parts keep the data set's order.
+
+    Example:
+        >>> images, labels = np.zeros((10, 28, 28), np.uint8), np.arange(10)
+        >>> (train, _), (validation, held_labels) = hold_out(TrainConfig(val_split=3), images, labels)
+        >>> len(train), len(validation), sorted(set(held_labels) & set(_))
+        (7, 3, [])
+    """
+    check_against_data(config, len(images))
+    order = np.asarray(
+        jax.random.permutation(jax.random.fold_in(jax.random.key(config.seed), _VALIDATION_SALT), len(images))
+    )
+    held, kept = np.sort(order[: config.val_split]), np.sort(order[config.val_split :])
+    return (images[kept], labels[kept]), (images[held], labels[held])
+
+
+def initial_state(config: TrainConfig, num_train_images: int) -> TrainState:
+    """The freshly initialized train state of a run over ``num_train_images`` (before the held-out ones)."""
     init_key, _ = run_keys(config.seed)
-    return create_train_state(init_key, build_model(config), build_optimizer(config), loss=config.loss)
+    optimizer = build_optimizer(config, num_train_images)
+    return create_train_state(init_key, build_model(config), optimizer, loss=config.loss)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from functools import partial
 
 import jax
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxmnist.config import TrainConfig, epoch_key, initial_state, run_keys
+from jaxmnist.config import TrainConfig, epoch_key, hold_out, initial_state, run_keys
 from jaxmnist.normalization import normalize
 from jaxmnist.parallel import batch_sharded, padded_batch_width, replicate
 from jaxmnist.train import (
@@ -53,6 +53,28 @@ class EpochResult:
     seconds: float
     compile_seconds: float
     samples_per_second: float
+    learning_rate: float | None = None
+    val_loss: float | None = None
+    val_accuracy: float | None = None
+
+
+def best_epoch(history: Sequence[EpochResult]) -> EpochResult | None:
+    """The epoch with the lowest validation loss (the first of equals); None without validation."""
+    validated = [result for result in history if result.val_loss is not None]
+    return min(validated, key=lambda result: result.val_loss) if validated else None
+
+
+def early_stop_due(history: Sequence[EpochResult], patience: int) -> bool:
+    """Whether the validation loss has not improved for ``patience`` epochs (0: never stop early).
+
+    Example:
+        >>> losses = [3.0, 2.0, 2.5, 2.1]
+        >>> results = [EpochResult(epoch, 0, 0, 0, 0, 1, 0, 0, val_loss=loss) for epoch, loss in enumerate(losses, 1)]
+        >>> early_stop_due(results, 2), early_stop_due(results, 3)
+        (True, False)
+    """
+    best = best_epoch(history)
+    return bool(patience and best is not None and history[-1].epoch - best.epoch >= patience)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +83,8 @@ class Progress:
 
     ``epoch`` is the epoch in progress (from 1), ``position`` the number of its steps done, and
     ``step_losses``/``step_accuracies`` its per-step metrics so far. ``result`` is set when the call
-    ended the epoch (then ``position`` equals the epoch's number of batches).
+    ended the epoch (then ``position`` equals the epoch's number of batches); ``history`` holds the
+    results of every finished epoch, this one included.
     """
 
     state: TrainState
@@ -70,6 +93,7 @@ class Progress:
     step_losses: np.ndarray
     step_accuracies: np.ndarray
     result: EpochResult | None = None
+    history: tuple[EpochResult, ...] = ()
 
     @property
     def epoch_done(self) -> bool:
@@ -80,7 +104,7 @@ class Progress:
         if not self.epoch_done:
             return self
         empty = self.step_losses[:0]
-        return Progress(self.state, self.epoch + 1, 0, empty, self.step_accuracies[:0])
+        return Progress(self.state, self.epoch + 1, 0, empty, self.step_accuracies[:0], history=self.history)
 
 
 class DivergenceError(ArithmeticError):
@@ -94,10 +118,11 @@ class DivergenceError(ArithmeticError):
         self.epoch, self.step, self.loss = epoch, step, loss
 
 
-def start_of_run(config: TrainConfig) -> Progress:
-    """The progress of a run that has not taken a step yet."""
+def start_of_run(config: TrainConfig, num_train_images: int) -> Progress:
+    """The progress of a run over ``num_train_images`` (before the held-out ones) that has not taken a step."""
     empty = np.zeros(0, np.dtype(config.dtype))
-    return Progress(initial_state(config), epoch=1, position=0, step_losses=empty, step_accuracies=empty)
+    state = initial_state(config, num_train_images)
+    return Progress(state, epoch=1, position=0, step_losses=empty, step_accuracies=empty)
 
 
 _batch_indices = jax.jit(epoch_batch_indices, static_argnums=(1, 2, 3))
@@ -172,17 +197,26 @@ def _check_divergence(losses: np.ndarray, max_loss: float, epoch: int, position:
 
 
 def _epoch_result(
-    progress: Progress, test_metrics: Metrics, seconds: float, compile_seconds: float, images_trained: int
+    progress: Progress,
+    evaluations: dict[str, Metrics],
+    learning_rate: float,
+    seconds: float,
+    compile_seconds: float,
+    images_trained: int,
 ) -> EpochResult:
+    val = evaluations.get("val", {})
     return EpochResult(
         epoch=progress.epoch,
         train_loss=float(np.mean(progress.step_losses, dtype=np.float64)),
         train_accuracy=float(np.mean(progress.step_accuracies, dtype=np.float64)),
-        test_loss=float(test_metrics["loss"]),
-        test_accuracy=float(test_metrics["accuracy"]),
+        test_loss=float(evaluations["test"]["loss"]),
+        test_accuracy=float(evaluations["test"]["accuracy"]),
         seconds=seconds,
         compile_seconds=compile_seconds,
         samples_per_second=images_trained / seconds,
+        learning_rate=learning_rate,
+        val_loss=float(val["loss"]) if val else None,
+        val_accuracy=float(val["accuracy"]) if val else None,
     )
 
 
@@ -195,10 +229,12 @@ def fit(
     max_loss: float = DEFAULT_MAX_LOSS,
     mesh: Mesh | None = None,
 ) -> Iterator[Progress]:
-    """Trains from ``start`` (default: a fresh run) to the end of epoch ``config.epochs``.
+    """Trains from ``start`` (default: a fresh run) to the end of epoch ``config.epochs``, or earlier when
+    ``config.early_stopping`` epochs pass without a better validation loss.
 
     Args:
-        config: the run's settings.
+        config: the run's settings; ``config.val_split`` of the training images are held out
+            (``jaxmnist.config.hold_out``) and evaluated after every epoch.
         train_data: uint8 images ``(N, 28, 28)`` and int labels.
         test_data: the same for evaluation after every epoch.
         start: where to continue from (e.g. a restored checkpoint).
@@ -216,16 +252,21 @@ def fit(
         >>> [p.result.epoch for p in fit(TrainConfig(epochs=2), (images, labels), (images, labels))]
         [1, 2]
     """
-    progress = start_of_run(config) if start is None else start
+    progress = start_of_run(config, len(train_data[0])) if start is None else start
+    train_data, val_data = hold_out(config, *train_data)
     place = jax.device_put if mesh is None else partial(replicate, mesh=mesh)
     state = place(progress.state)
-    images, labels, test_images, test_labels = place((*train_data, *test_data))
-    test_images = normalize(test_images, param_dtype(state))
-    steps_per_epoch = num_batches(len(train_data[0]), config.batch_size)
+    images, labels = place(train_data)
+    dtype = param_dtype(state)
+    evaluation_sets = {"test": test_data, "val": val_data} if config.val_split else {"test": test_data}
+    evaluation_sets = {
+        name: (normalize(place(data[0]), dtype), place(data[1])) for name, data in evaluation_sets.items()
+    }
+    steps_per_epoch = num_batches(len(images), config.batch_size)
     programs = _Programs(config, state, images, labels, min(steps_per_call or steps_per_epoch, steps_per_epoch), mesh)
     compile_seconds = programs.compile_seconds
     data_key = run_keys(config.seed)[1]
-    while progress.epoch <= config.epochs:
+    while progress.epoch <= config.epochs and not early_stop_due(progress.history, config.early_stopping):
         key = epoch_key(data_key, progress.epoch)
         whole_epoch = config.loop == "scan" and progress.position == 0 and programs.chunk == steps_per_epoch
         batches = None if whole_epoch else programs.batch_indices(key)
@@ -244,12 +285,16 @@ def fit(
                 progress.position + num_steps,
                 np.concatenate([progress.step_losses, losses]),
                 np.concatenate([progress.step_accuracies, np.asarray(metrics["accuracy"])]),
+                history=progress.history,
             )
             if progress.position == steps_per_epoch:
-                images_trained = min((steps_per_epoch - first_position) * config.batch_size, len(train_data[0]))
-                test_metrics = evaluate(state, test_images, test_labels)
-                result = _epoch_result(progress, test_metrics, seconds, compile_seconds, images_trained)
-                progress = dataclasses.replace(progress, result=result)
+                images_trained = min((steps_per_epoch - first_position) * config.batch_size, len(images))
+                evaluations = {name: evaluate(state, *data) for name, data in evaluation_sets.items()}
+                learning_rate = (
+                    float(metrics["learning_rate"][-1]) if "learning_rate" in metrics else config.learning_rate
+                )
+                result = _epoch_result(progress, evaluations, learning_rate, seconds, compile_seconds, images_trained)
+                progress = dataclasses.replace(progress, result=result, history=(*progress.history, result))
                 compile_seconds = 0.0
             yield progress
         progress = progress.continuation()

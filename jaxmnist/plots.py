@@ -32,14 +32,22 @@ def _in_notebook() -> bool:
 
 
 def plot_losses(
-    train_losses: Sequence[float], test_losses: Sequence[float], path: str | Path | None = None, first_epoch: int = 1
+    train_losses: Sequence[float],
+    test_losses: Sequence[float],
+    path: str | Path | None = None,
+    first_epoch: int = 1,
+    val_losses: Sequence[float] | None = None,
 ) -> Any:
-    """Training and test loss per epoch; saved to ``path`` (PNG) when given. Returns the figure."""
+    """Training, test and (when given) validation loss per epoch; saved to ``path`` when given.
+
+    Returns the figure."""
     plt = _pyplot()
     epochs = np.arange(first_epoch, first_epoch + len(train_losses))
     figure, axes = plt.subplots(figsize=(6, 4))
     axes.plot(epochs, train_losses, "o-", label="training loss")
     axes.plot(epochs, test_losses, "s--", label="test loss")
+    if val_losses is not None:
+        axes.plot(epochs, val_losses, "^:", label="validation loss")
     axes.set_xlabel("epoch")
     axes.set_ylabel("loss")
     axes.set_xticks(epochs)

@@ -37,7 +37,7 @@ def test_save_and_restore_round_trip_bit_exactly(small_data, tmp_path: Path):
     progress = next(iter(fit(SMALL, *small_data, steps_per_call=3)))
     assert (progress.epoch, progress.position) == (1, 3)
     path = save_checkpoint(tmp_path, SMALL, progress)
-    restored = restore_progress(path, SMALL)
+    restored = restore_progress(path, SMALL, 200)
     chex.assert_trees_all_equal(restored.state.params, progress.state.params)
     chex.assert_trees_all_equal(restored.state.opt_state, progress.state.opt_state)
     assert int(restored.state.step) == 3 and (restored.epoch, restored.position) == (1, 3)
@@ -49,7 +49,7 @@ def test_resuming_mid_epoch_gives_the_same_losses_and_bit_identical_params(small
     for stop_after in (1, 2, 3):  # inside epoch 1, at its end, and inside epoch 2
         stopped = list(fit(SMALL, *small_data, steps_per_call=3))[stop_after - 1]
         path = save_checkpoint(tmp_path / str(stop_after), SMALL, stopped)
-        resumed = list(fit(SMALL, *small_data, start=restore_progress(path, SMALL), steps_per_call=3))
+        resumed = list(fit(SMALL, *small_data, start=restore_progress(path, SMALL, 200), steps_per_call=3))
         chex.assert_trees_all_equal(resumed[-1].state.params, uninterrupted[-1].state.params)
         assert resumed[-1].result.train_loss == uninterrupted[-1].result.train_loss
 
@@ -66,7 +66,7 @@ def test_a_crash_while_writing_leaves_the_previous_checkpoint_loadable(small_dat
         save_checkpoint(tmp_path, SMALL, second)
     assert sorted(p.name for p in tmp_path.iterdir()) == [good.name]
     assert checkpoint_paths(tmp_path)[-1] == good
-    restore_progress(good, SMALL)
+    restore_progress(good, SMALL, 200)
 
 
 def test_only_the_newest_k_checkpoints_are_kept(small_data, tmp_path: Path):
@@ -90,8 +90,8 @@ def test_only_the_newest_k_checkpoints_are_kept(small_data, tmp_path: Path):
 def test_resuming_with_another_configuration_is_refused_naming_the_setting(small_data, tmp_path, change, named):
     path = save_checkpoint(tmp_path, SMALL, next(iter(fit(SMALL, *small_data))))
     with pytest.raises(CheckpointError, match=f"cannot resume, {named} is"):
-        restore_progress(path, TrainConfig(**{**SMALL.__dict__, **change}))
-    restore_progress(path, TrainConfig(**{**SMALL.__dict__, "epochs": 9, "loop": "step"}))
+        restore_progress(path, TrainConfig(**{**SMALL.__dict__, **change}), 200)
+    restore_progress(path, TrainConfig(**{**SMALL.__dict__, "epochs": 9, "loop": "step"}), 200)
 
 
 @pytest.mark.parametrize(
@@ -105,22 +105,22 @@ def test_resuming_with_another_configuration_is_refused_naming_the_setting(small
 def test_damaged_checkpoint_is_a_clear_error(tmp_path: Path, content: bytes, fault: str):
     (tmp_path / "ckpt-00000005.msgpack").write_bytes(content)
     with pytest.raises(CheckpointError, match=fault):
-        restore_progress(checkpoint_paths(tmp_path)[-1], SMALL)
+        restore_progress(checkpoint_paths(tmp_path)[-1], SMALL, 200)
 
 
 def test_truncated_real_checkpoint_is_a_clear_error(small_data, tmp_path: Path):
     path = save_checkpoint(tmp_path, SMALL, next(iter(fit(SMALL, *small_data))))
     path.write_bytes(path.read_bytes()[:500])
     with pytest.raises(CheckpointError, match=str(path)):
-        restore_progress(path, SMALL)
+        restore_progress(path, SMALL, 200)
 
 
 def test_a_folder_without_checkpoints_has_nothing_to_resume_and_loses_its_stray_temporary_files(tmp_path: Path):
     (tmp_path / "notes.txt").write_text("hello")
     (tmp_path / ".ckpt-00000007.msgpack.x1y2.tmp").write_bytes(b"half a checkpoint")
-    assert resume(tmp_path, SMALL) == (None, [])
+    assert resume(tmp_path, SMALL, 200) == (None, [])
     assert sorted(path.name for path in tmp_path.iterdir()) == ["notes.txt"]
-    assert resume(tmp_path / "missing", SMALL) == (None, [])
+    assert resume(tmp_path / "missing", SMALL, 200) == (None, [])
 
 
 def test_divergence_stops_naming_epoch_and_step_before_yielding_it(small_data):
@@ -181,7 +181,7 @@ def test_signal_stops_at_a_step_boundary_saves_and_says_how_to_resume(
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == code, stderr
     assert "checkpoint saved to" in stderr and "--resume" in stderr
-    resumed = restore_progress(checkpoint_paths(tmp_path)[-1], TrainConfig(epochs=3, batch_size=4, loop="step"))
+    resumed = restore_progress(checkpoint_paths(tmp_path)[-1], TrainConfig(epochs=3, batch_size=4, loop="step"), 1200)
     assert resumed.position % 20 == 0 or resumed.position == 0
 
 

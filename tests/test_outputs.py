@@ -170,7 +170,7 @@ def test_predict_errors_are_one_line_exit_2(tmp_path: Path, capsys):
     assert "cannot read" in capsys.readouterr().err
     assert predict.main(["--params", str(tmp_path / "notes.txt"), str(tmp_path / "blank.png")]) == 2
     assert "not a jaxmnist parameters file" in capsys.readouterr().err
-    params = save_params(tmp_path / "params.msgpack", TrainConfig(), initial_state(TrainConfig()).params)
+    params = save_params(tmp_path / "params.msgpack", TrainConfig(), initial_state(TrainConfig(), 60_000).params)
     assert predict.main(["--params", str(params), str(tmp_path / "blank.png"), str(tmp_path / "notes.txt")]) == 2
     assert "notes.txt: cannot read as an image" in capsys.readouterr().err
 

@@ -43,14 +43,26 @@ def non_negative_int(text: str) -> int:
     return int(text)
 
 
-def positive_float(text: str) -> float:
+def _number(text: str, allowed, meaning: str) -> float:
     try:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    if not (math.isfinite(value) and allowed(value)):
+        raise argparse.ArgumentTypeError(f"must be {meaning}, got {text!r}")
     return value
+
+
+def positive_float(text: str) -> float:
+    return _number(text, lambda value: value > 0, "a finite number > 0")
+
+
+def non_negative_float(text: str) -> float:
+    return _number(text, lambda value: value >= 0, "a finite number >= 0")
+
+
+def fraction(text: str) -> float:
+    return _number(text, lambda value: 0 <= value < 1, "a number in [0, 1)")
 
 
 def hidden_sizes(text: str) -> tuple[int, ...]:
@@ -67,6 +79,8 @@ ARGUMENT_TYPES: dict[str, Callable[[str], object]] = {
     "positive_int": positive_int,
     "non_negative_int": non_negative_int,
     "positive_float": positive_float,
+    "non_negative_float": non_negative_float,
+    "fraction": fraction,
     "sizes": hidden_sizes,
 }
 

@@ -8,18 +8,30 @@ import shutil
 import sys
 from pathlib import Path
 
+from jaxmnist.checkpoint import params_file_bytes
+from jaxmnist.commands.tensorboard import TensorBoardLog
 from jaxmnist.config import TrainConfig
 from jaxmnist.files import reason, write_atomically
-from jaxmnist.loop import EpochResult, Progress
+from jaxmnist.loop import EpochResult, Progress, best_epoch
 
 
-def epoch_lines(result: EpochResult, config: TrainConfig) -> str:
-    """The lesson's ``Training loss: ...`` line, then the epoch's test metrics and speed."""
+def epoch_lines(result: EpochResult, config: TrainConfig, previous: EpochResult | None) -> str:
+    """The lesson's ``Training loss: ...`` line, then the epoch's evaluation, learning rate and speed.
+
+    The learning rate is shown when it differs from the previous epoch's (with a schedule, every epoch).
+    """
     compiled = f"compiled in {result.compile_seconds:.2f} s\n" if result.compile_seconds else ""
+    validation = ""
+    if result.val_loss is not None:
+        validation = f"val loss {result.val_loss:.4f}, val accuracy {result.val_accuracy:.4f}, "
+    rate = ""
+    previous_rate = config.learning_rate if previous is None else previous.learning_rate
+    if result.learning_rate is not None and (config.schedule != "constant" or result.learning_rate != previous_rate):
+        rate = f"lr {result.learning_rate:.6g}, "
     return (
         f"{compiled}Training loss: {result.train_loss}\n"
         f"  epoch {result.epoch}/{config.epochs}: test loss {result.test_loss:.4f}, "
-        f"test accuracy {result.test_accuracy:.4f}, {result.seconds:.2f} s "
+        f"test accuracy {result.test_accuracy:.4f}, {validation}{rate}{result.seconds:.2f} s "
         f"({result.samples_per_second:,.0f} images/s)"
     )
 
@@ -41,9 +53,10 @@ def write_output(path: Path, content: bytes) -> None:
 
 
 class Reporter:
-    """Progress bar on a terminal, a printed block per epoch, the metrics file and, at the end, the plot.
+    """What a run shows and writes as it goes: progress bar, a printed block per epoch, the metrics file,
+    the best epoch's parameters, TensorBoard events and, at the end, the plot.
 
-    The metrics file is rewritten whole (atomically) from the run's results after every epoch, so after
+    The metrics file is rewritten whole (atomically) from the run's history after every epoch, so after
     any interruption and resume it holds exactly one record per finished epoch.
     """
 
@@ -54,15 +67,17 @@ class Reporter:
         start: Progress | None,
         *,
         quiet: bool,
-        metrics_out: Path | None,
-        plot: Path | None,
-        results: tuple[EpochResult, ...] = (),
+        metrics_out: Path | None = None,
+        plot: Path | None = None,
+        save_best: Path | None = None,
+        tensorboard: TensorBoardLog | None = None,
     ):
         from tqdm.auto import tqdm
 
         self.config, self.steps_per_epoch = config, steps_per_epoch
-        self.metrics_out, self.plot = metrics_out, plot
-        self.results: list[EpochResult] = list(results)
+        self.metrics_out, self.plot, self.save_best, self.tensorboard = metrics_out, plot, save_best, tensorboard
+        self.history: tuple[EpochResult, ...] = () if start is None else start.history
+        self._epoch, self._position = (1, 0) if start is None else (start.epoch, start.position)
         self.bar = tqdm(
             total=config.epochs * steps_per_epoch,
             initial=self._steps_done(start),
@@ -79,30 +94,44 @@ class Reporter:
     def update(self, progress: Progress) -> None:
         self.bar.update(self._steps_done(progress) - self.bar.n)
         self.bar.set_postfix(epoch=progress.epoch, loss=f"{float(progress.step_losses[-1]):.4f}")
+        if self.tensorboard is not None:
+            self.tensorboard.steps(progress, self._position if progress.epoch == self._epoch else 0)
+        self._epoch, self._position = progress.epoch, progress.position
         if progress.result is None:
             return
-        self.results.append(progress.result)
-        self.bar.write(epoch_lines(progress.result, self.config))
+        previous = self.history[-1] if self.history else None
+        self.history = progress.history
+        self.bar.write(epoch_lines(progress.result, self.config, previous))
         sys.stdout.flush()
         self._write_metrics()
+        best = best_epoch(self.history)
+        if self.save_best is not None and best is progress.result:
+            write_output(self.save_best, params_file_bytes(self.config, progress.state.params))
+        if self.tensorboard is not None:
+            self.tensorboard.epoch(progress.result)
 
     def _write_metrics(self) -> None:
         if self.metrics_out is not None:
-            lines = "".join(json.dumps(dataclasses.asdict(result)) + "\n" for result in self.results)
+            lines = "".join(json.dumps(dataclasses.asdict(result)) + "\n" for result in self.history)
             write_output(self.metrics_out, lines.encode())
 
     def close(self) -> None:
         self.bar.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close(self.history)
 
     def draw_plot(self) -> None:
         """The loss curves of every finished epoch, resumed ones included, into ``plot``."""
-        if self.plot is None or not self.results:
+        if self.plot is None or not self.history:
             return
         from jaxmnist.plots import plot_losses
 
-        train_losses, test_losses = [r.train_loss for r in self.results], [r.test_loss for r in self.results]
+        curves = {
+            name: [getattr(result, name) for result in self.history] for name in ("train_loss", "test_loss", "val_loss")
+        }
+        validation = curves["val_loss"] if None not in curves["val_loss"] else None
         try:
-            plot_losses(train_losses, test_losses, self.plot, first_epoch=self.results[0].epoch)
+            plot_losses(curves["train_loss"], curves["test_loss"], self.plot, self.history[0].epoch, validation)
         except OSError as error:
             raise OutputWriteError(self.plot, error) from error
         print(f"loss plot written to {self.plot}")

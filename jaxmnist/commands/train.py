@@ -27,6 +27,7 @@ from jaxmnist.commands.kit import (
     OneLineParser,
     add_data_arguments,
     configure_jax,
+    in_flag_terms,
     load_splits,
     non_negative_int,
     positive_float,
@@ -34,9 +35,11 @@ from jaxmnist.commands.kit import (
     report_error,
     report_internal_error,
 )
-from jaxmnist.config import TrainConfig
+from jaxmnist.config import SettingsError, TrainConfig
 
 PROG = "python -m jaxmnist.train"
+OPTIMIZER_NAMES = {"sgd": "SGD", "momentum": "SGD with momentum", "nesterov": "SGD with Nesterov momentum",
+                   "adam": "Adam", "adamw": "AdamW"}  # fmt: skip
 # API arguments of the library that flags other than the config's set.
 RUN_FLAGS = {"num_devices": "--devices", "platform": "--platform"}
 
@@ -152,6 +155,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the trained parameters (msgpack, see docs/command-line.md) for python -m jaxmnist.predict",
     )
     parser.add_argument(
+        "--save-best",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="write the parameters of the epoch with the lowest validation loss (as --save; needs --val-split)",
+    )
+    parser.add_argument(
+        "--tensorboard",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write TensorBoard event files into DIR: epoch scalars, the batch loss, the settings as hparams "
+        "(pip install 'jaxmnist[tensorboard]')",
+    )
+    parser.add_argument(
+        "--tensorboard-every",
+        type=positive_int,
+        default=50,
+        metavar="N",
+        help="log the batch loss to TensorBoard every N steps (default 50)",
+    )
+    parser.add_argument(
         "--quiet", action="store_true", help="no progress bar (it is also off when stderr is not a terminal)"
     )
     parser.add_argument(
@@ -181,6 +206,8 @@ def _check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Nam
     distributed = (args.coordinator, args.num_processes, args.process_id)
     if any(value is not None for value in distributed) and None in distributed:
         parser.error("arguments --coordinator, --num-processes and --process-id go together")
+    if args.save_best is not None and not args.val_split:
+        parser.error("argument --save-best: needs --val-split N, the held-out images that choose the best epoch")
     if args.num_processes is not None and args.process_id >= args.num_processes:
         parser.error(f"argument --process-id: must be below --num-processes {args.num_processes}")
 
@@ -190,15 +217,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_flag_combinations(parser, args)
+    flags = {**config_flags(), **RUN_FLAGS}
+    try:
+        config = config_from_args(args)
+    except SettingsError as error:
+        parser.error(in_flag_terms(str(error), flags))
     from jaxmnist.checkpoint import CheckpointError
     from jaxmnist.data import DataError
     from jaxmnist.loop import DivergenceError
     from jaxmnist.parallel import DeviceError
 
-    flags = {**config_flags(), **RUN_FLAGS}
     try:
-        return run(args, argv)
-    except (DataError, CheckpointError, OutputError, DivergenceError, DeviceError) as error:
+        return run(args, argv, config)
+    except (DataError, CheckpointError, OutputError, DivergenceError, DeviceError, SettingsError) as error:
         report_error(error, flags, args.debug)
         return EXIT_FAILURE if isinstance(error, DivergenceError) else EXIT_BAD_INPUT
     except KeyboardInterrupt:
@@ -225,7 +256,14 @@ def check_outputs(args: argparse.Namespace) -> None:
     """Every output path is proven writable before the first training step."""
     if args.checkpoint_dir is not None:
         check_writable_folder(args.checkpoint_dir, "--checkpoint-dir")
-    for flag, path in (("--metrics-out", args.metrics_out), ("--plot", args.plot), ("--save", args.save)):
+    if args.tensorboard is not None:
+        from jaxmnist.commands.tensorboard import INSTALL_HINT, tensorboard_available
+
+        if not tensorboard_available():
+            raise OutputError(f"--tensorboard needs tensorboardX: {INSTALL_HINT}")
+        check_writable_folder(args.tensorboard, "--tensorboard")
+    files = {"--metrics-out": args.metrics_out, "--plot": args.plot, "--save": args.save, "--save-best": args.save_best}
+    for flag, path in files.items():
         if path is None:
             continue
         if path.is_dir():
@@ -245,10 +283,13 @@ def describe(config: TrainConfig, num_images: int, mesh) -> str:
     if mesh.size > 1:
         width = padded_batch_width(config.batch_size, mesh)
         where = f"{mesh.size} {where} devices, {width // mesh.size} images of each batch per device"
+    schedule = "" if config.schedule == "constant" else f" ({config.schedule} schedule)"
+    held_out = f" ({config.val_split} held out for validation)" if config.val_split else ""
+    dropout = f", dropout {config.dropout}" if config.dropout else ""
     return (
-        f"MLP {layers} ({config.activation}, {config.weight_init} init), {config.loss} loss, "
-        f"SGD lr {config.learning_rate}, batch {config.batch_size}, {config.epochs} epochs, "
-        f"{num_images} training images, {config.dtype} on {where}"
+        f"MLP {layers} ({config.activation}, {config.weight_init} init{dropout}), {config.loss} loss, "
+        f"{OPTIMIZER_NAMES[config.optimizer]} lr {config.learning_rate}{schedule}, batch {config.batch_size}, "
+        f"{config.epochs} epochs, {num_images - config.val_split} training images{held_out}, {config.dtype} on {where}"
     )
 
 
@@ -263,12 +304,11 @@ def start_devices(args: argparse.Namespace):
     return make_mesh(args.devices, args.platform)
 
 
-def run(args: argparse.Namespace, argv: list[str]) -> int:
+def run(args: argparse.Namespace, argv: list[str], config: TrainConfig) -> int:
     """Trains as the flags say; returns the exit code (130/143 when stopped by a signal)."""
     import jax
 
     configure_jax(args.dtype == "float64", not args.no_compile_cache)
-    config = config_from_args(args)
     mesh = start_devices(args)
     if jax.process_index() == 0:
         return _train(args, argv, config, mesh, writer=True)
@@ -278,11 +318,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         return _train(args, argv, config, mesh, writer=False)
 
 
-def _resume(args: argparse.Namespace, config: TrainConfig):
+def _resume(args: argparse.Namespace, config: TrainConfig, num_train_images: int):
     """The checkpoint to continue from, saying which damaged ones were passed over; None: a new run."""
     from jaxmnist.checkpoint import resume
 
-    restored, damaged = resume(args.checkpoint_dir, config)
+    restored, damaged = resume(args.checkpoint_dir, config, num_train_images)
     for line in damaged:
         print(f"warning: skipping damaged checkpoint {line}", file=sys.stderr, flush=True)
     if restored is None:
@@ -293,34 +333,55 @@ def _resume(args: argparse.Namespace, config: TrainConfig):
     return restored
 
 
+def _reporter(args: argparse.Namespace, config: TrainConfig, steps_per_epoch: int, start):
+    from jaxmnist.commands.reporting import Reporter
+    from jaxmnist.commands.tensorboard import TensorBoardLog
+
+    tensorboard = None
+    if args.tensorboard is not None:
+        tensorboard = TensorBoardLog(args.tensorboard, config, steps_per_epoch, args.tensorboard_every)
+    return Reporter(
+        config, steps_per_epoch, start, quiet=args.quiet, metrics_out=args.metrics_out, plot=args.plot,
+        save_best=args.save_best, tensorboard=tensorboard,
+    )  # fmt: skip
+
+
+def _say_how_it_ended(config: TrainConfig, history, args: argparse.Namespace) -> None:
+    from jaxmnist.loop import best_epoch, early_stop_due
+
+    best = best_epoch(history)
+    if best is None:
+        return
+    if early_stop_due(history, config.early_stopping):
+        print(f"early stopping: the validation loss has not improved for {config.early_stopping} epochs")
+    saved = f"; its parameters are in {args.save_best}" if args.save_best is not None else ""
+    print(f"best epoch {best.epoch}: val loss {best.val_loss:.4f}, val accuracy {best.val_accuracy:.4f}{saved}")
+
+
 def _train(args: argparse.Namespace, argv: list[str], config: TrainConfig, mesh, writer: bool) -> int:
     from jaxmnist.checkpoint import checkpoint_path, params_file_bytes, save_checkpoint
-    from jaxmnist.commands.reporting import OutputWriteError, Reporter, write_output
+    from jaxmnist.commands.reporting import OutputWriteError, write_output
     from jaxmnist.commands.stopping import GracefulStop
-    from jaxmnist.loop import fit
-    from jaxmnist.train import num_batches
+    from jaxmnist.config import check_against_data, steps_per_epoch
+    from jaxmnist.loop import early_stop_due, fit
 
     if writer:
         check_outputs(args)
-    restored = _resume(args, config) if args.resume else None
-    start, results = (restored.progress, restored.results) if restored else (None, ())
     train_data, test_data = load_splits(args)
-    print(describe(config, len(train_data[0]), mesh), flush=True)
-    if start is not None and start.epoch > config.epochs:
-        print(f"nothing to do: the checkpoint has finished {start.epoch - 1} epochs (--epochs {config.epochs})")
+    num_train_images = len(train_data[0])
+    check_against_data(config, num_train_images)
+    restored = _resume(args, config, num_train_images) if args.resume else None
+    start = restored.progress if restored else None
+    print(describe(config, num_train_images, mesh), flush=True)
+    if start is not None and (start.epoch > config.epochs or early_stop_due(start.history, config.early_stopping)):
+        print(
+            f"nothing to do: the checkpoint has finished its run ({start.epoch - 1} epochs, --epochs {config.epochs})"
+        )
         return 0
 
     saved_at = restored.path if restored else None
     try:
-        reporter = Reporter(
-            config,
-            num_batches(len(train_data[0]), config.batch_size),
-            start,
-            quiet=args.quiet,
-            metrics_out=args.metrics_out,
-            plot=args.plot,
-            results=results,
-        )
+        reporter = _reporter(args, config, steps_per_epoch(config, num_train_images), start)
         progress = start
         with GracefulStop() as stop, contextlib.closing(reporter):
             steps = fit(
@@ -334,21 +395,21 @@ def _train(args: argparse.Namespace, argv: list[str], config: TrainConfig, mesh,
             )
             for progress in steps:
                 # The metrics record goes first: a kill before the checkpoint redoes the epoch, and the
-                # resumed run rewrites the file from the checkpoint's results.
+                # resumed run rewrites the file from the checkpoint's history.
                 reporter.update(progress)
                 checkpoint_now = progress.epoch_done or args.checkpoint_every or stop.signal_number
                 if writer and args.checkpoint_dir is not None and checkpoint_now:
                     path = checkpoint_path(args.checkpoint_dir, int(progress.state.step))
                     try:
-                        saved_at = save_checkpoint(
-                            args.checkpoint_dir, config, progress, keep=args.keep, results=tuple(reporter.results)
-                        )
+                        saved_at = save_checkpoint(args.checkpoint_dir, config, progress, keep=args.keep)
                     except OSError as error:
                         raise OutputWriteError(path, error) from error
                 if stop.signal_number is not None:
                     reporter.draw_plot()
                     return _report_stop(stop.signal_number, progress, saved_at, argv)
         reporter.draw_plot()
+        if progress is not None:
+            _say_how_it_ended(config, progress.history, args)
         if args.save is not None and progress is not None:
             write_output(args.save, params_file_bytes(config, progress.state.params))
             print(f"trained parameters written to {args.save}")

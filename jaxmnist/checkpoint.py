@@ -87,7 +87,7 @@ def save_checkpoint(directory: Path, config: TrainConfig, progress: Progress, ke
         "data_key": np.asarray(jax.random.key_data(run_keys(config.seed)[1])),
         "results": json.dumps([dataclasses.asdict(result) for result in progress.history]),
     }
-    path = checkpoint_path(directory, int(progress.state.step))
+    path = checkpoint_path(directory, progress.global_step)
     write_atomically(path, serialization.msgpack_serialize(jax.device_get(payload)))
     for old in checkpoint_paths(directory)[:-keep]:
         old.unlink(missing_ok=True)

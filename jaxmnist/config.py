@@ -166,6 +166,14 @@ class TrainConfig:
         kind="non_negative_int",
         metavar="N",
     )
+    seeds: int = setting(
+        1,
+        "train N independent runs with seeds --seed .. --seed+N-1 together, as one vmapped program, and "
+        "report the band of their losses and accuracies (default 1)",
+        flag="--seeds",
+        kind="positive_int",
+        metavar="N",
+    )
     early_stopping: int = setting(
         0,
         "stop when the validation loss has not improved for K epochs; needs --val-split (default 0: off)",
@@ -184,6 +192,10 @@ class TrainConfig:
             raise SettingsError(f"`weight_decay` is for optimizer 'adamw', not {self.optimizer!r}")
         if self.warmup_steps and self.schedule != "warmup-cosine":
             raise SettingsError(f"`warmup_steps` is for schedule 'warmup-cosine', not {self.schedule!r}")
+        if self.seed + self.seeds > 2**32:
+            raise SettingsError(f"`seed`={self.seed} and `seeds`={self.seeds} go past the largest seed, 2**32 - 1")
+        if self.early_stopping and self.seeds > 1:
+            raise SettingsError("`early_stopping` stops one run; with `seeds` > 1 the runs share one program")
         if self.early_stopping and not self.val_split:
             raise SettingsError("`early_stopping` needs `val_split`=N: a held-out set whose loss it watches")
 
@@ -303,6 +315,11 @@ def epoch_key(data_key: jax.Array, epoch: int) -> jax.Array:
     return jax.random.fold_in(data_key, epoch)
 
 
+def seed_values(config: TrainConfig) -> list[int]:
+    """The seeds of the run's independent runs: ``seed, seed + 1, ..., seed + seeds - 1``."""
+    return list(range(config.seed, config.seed + config.seeds))
+
+
 def hold_out(config: TrainConfig, images: np.ndarray, labels: np.ndarray) -> tuple[tuple, tuple]:
     """The training images split into ``(train, validation)``: ``val_split`` of them held out.
 
@@ -324,7 +341,11 @@ def hold_out(config: TrainConfig, images: np.ndarray, labels: np.ndarray) -> tup
 
 
 def initial_state(config: TrainConfig, num_train_images: int) -> TrainState:
-    """The freshly initialized train state of a run over ``num_train_images`` (before the held-out ones)."""
-    init_key, _ = run_keys(config.seed)
-    optimizer = build_optimizer(config, num_train_images)
-    return create_train_state(init_key, build_model(config), optimizer, loss=config.loss)
+    """The freshly initialized train state of a run over ``num_train_images`` (before the held-out ones).
+
+    With ``seeds`` > 1, the states of the runs stacked along a leading axis, each exactly the state its
+    seed gives alone.
+    """
+    model, optimizer = build_model(config), build_optimizer(config, num_train_images)
+    states = [create_train_state(run_keys(seed)[0], model, optimizer, loss=config.loss) for seed in seed_values(config)]
+    return states[0] if len(states) == 1 else jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)

@@ -19,20 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxmnist.config import TrainConfig, epoch_key, hold_out, initial_state, run_keys
+from jaxmnist.config import TrainConfig, hold_out, initial_state, seed_values
 from jaxmnist.normalization import normalize
-from jaxmnist.parallel import batch_sharded, padded_batch_width, replicate
-from jaxmnist.train import (
-    TrainState,
-    epoch_batch_indices,
-    evaluate,
-    gather_batch,
-    num_batches,
-    param_dtype,
-    train_chunk,
-    train_epoch,
-    train_step,
-)
+from jaxmnist.parallel import replicate, shard_seeds
+from jaxmnist.programs import Programs, per_seed
+from jaxmnist.train import TrainState, num_batches, param_dtype
 from jaxmnist.train.steps import Metrics
 
 ArrayPair = tuple[np.ndarray, np.ndarray]
@@ -53,6 +44,7 @@ class EpochResult:
     seconds: float
     compile_seconds: float
     samples_per_second: float
+    seed: int = 0
     learning_rate: float | None = None
     val_loss: float | None = None
     val_accuracy: float | None = None
@@ -82,9 +74,10 @@ class Progress:
     """Where a run stands after a compiled call: enough to continue it exactly.
 
     ``epoch`` is the epoch in progress (from 1), ``position`` the number of its steps done, and
-    ``step_losses``/``step_accuracies`` its per-step metrics so far. ``result`` is set when the call
-    ended the epoch (then ``position`` equals the epoch's number of batches); ``history`` holds the
-    results of every finished epoch, this one included.
+    ``step_losses``/``step_accuracies`` its per-step metrics so far (``(steps,)``, or ``(seeds, steps)``
+    for several seeds). ``results`` are set when the call ended the epoch, one per seed (then
+    ``position`` equals the epoch's number of batches); ``history`` holds the results of every finished
+    epoch, this one included. With several seeds, ``state`` has a leading seed axis.
     """
 
     state: TrainState
@@ -92,131 +85,90 @@ class Progress:
     position: int
     step_losses: np.ndarray
     step_accuracies: np.ndarray
-    result: EpochResult | None = None
+    results: tuple[EpochResult, ...] = ()
     history: tuple[EpochResult, ...] = ()
 
     @property
+    def result(self) -> EpochResult | None:
+        """The finished epoch's result (the first seed's, when there are several); None inside an epoch."""
+        return self.results[0] if self.results else None
+
+    @property
     def epoch_done(self) -> bool:
-        return self.result is not None
+        return bool(self.results)
+
+    @property
+    def global_step(self) -> int:
+        """Steps taken since the start of the run."""
+        return int(np.ravel(np.asarray(self.state.step))[0])
 
     def continuation(self) -> Progress:
         """The same point as the start of what comes next: a finished epoch becomes the next one's start."""
         if not self.epoch_done:
             return self
-        empty = self.step_losses[:0]
-        return Progress(self.state, self.epoch + 1, 0, empty, self.step_accuracies[:0], history=self.history)
+        empty_losses, empty_accuracies = self.step_losses[..., :0], self.step_accuracies[..., :0]
+        return Progress(self.state, self.epoch + 1, 0, empty_losses, empty_accuracies, history=self.history)
 
 
 class DivergenceError(ArithmeticError):
     """The training loss became NaN, infinite or absurdly large; ``epoch`` and ``step`` say where (from 1)."""
 
-    def __init__(self, epoch: int, step: int, loss: float):
+    def __init__(self, epoch: int, step: int, loss: float, seed: int | None = None):
+        run = "" if seed is None else f" of seed {seed}"
         super().__init__(
-            f"training diverged: the loss became {loss:.6g} at epoch {epoch}, step {step}; "
+            f"training diverged: the loss{run} became {loss:.6g} at epoch {epoch}, step {step}; "
             "try a lower `learning_rate` (the lesson uses 0.003)"
         )
-        self.epoch, self.step, self.loss = epoch, step, loss
+        self.epoch, self.step, self.loss, self.seed = epoch, step, loss, seed
 
 
 def start_of_run(config: TrainConfig, num_train_images: int) -> Progress:
     """The progress of a run over ``num_train_images`` (before the held-out ones) that has not taken a step."""
-    empty = np.zeros(0, np.dtype(config.dtype))
+    empty = np.zeros((config.seeds, 0) if config.seeds > 1 else 0, np.dtype(config.dtype))
     state = initial_state(config, num_train_images)
     return Progress(state, epoch=1, position=0, step_losses=empty, step_accuracies=empty)
 
 
-_batch_indices = jax.jit(epoch_batch_indices, static_argnums=(1, 2, 3))
-
-
-class _Programs:
-    """The run's compiled calls: a whole epoch, a chunk of steps, or one step at a time (``loop="step"``)."""
-
-    def __init__(
-        self,
-        config: TrainConfig,
-        state: TrainState,
-        images: jax.Array,
-        labels: jax.Array,
-        chunk: int,
-        mesh: Mesh | None,
-    ):
-        if config.loop not in ("scan", "step"):
-            raise ValueError(f"`loop` must be 'scan' or 'step', got {config.loop!r}")
-        self.config, self.images, self.labels, self.chunk, self.mesh = config, images, labels, chunk, mesh
-        self.steps_per_epoch = num_batches(images.shape[0], config.batch_size)
-        self.width = padded_batch_width(config.batch_size, mesh)
-        first_key = epoch_key(run_keys(config.seed)[1], 1)
-        indices, mask = self.batch_indices(first_key)
-        started = time.perf_counter()
-        if config.loop == "step":
-            first_batch = self._batch(state, indices[0], mask[0])
-            self.step = train_step.lower(state, first_batch).compile()
-        elif chunk == self.steps_per_epoch:
-            self.epoch = train_epoch.lower(
-                state, images, labels, first_key, batch_size=config.batch_size, mesh=mesh
-            ).compile()
-        else:
-            self.chunk_call = train_chunk.lower(state, images, labels, indices, mask, 0, chunk, mesh).compile()
-        self.compile_seconds = time.perf_counter() - started
-
-    def batch_indices(self, key: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """The epoch's batches, drawn once for all its calls."""
-        return _batch_indices(key, self.images.shape[0], self.config.batch_size, self.width)
-
-    def _batch(self, state: TrainState, indices: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
-        batch = gather_batch(self.images, self.labels, indices, mask, param_dtype(state))
-        return batch if self.mesh is None else jax.device_put(batch, batch_sharded(self.mesh))
-
-    def run(
-        self,
-        state: TrainState,
-        key: jax.Array,
-        batches: tuple[jax.Array, jax.Array] | None,
-        first_step: int,
-        num_steps: int,
-    ) -> tuple[TrainState, Metrics]:
-        """Steps ``first_step ..`` of the epoch shuffled by ``key``; ``batches`` are its indices and mask."""
-        if self.config.loop == "step":
-            history = []
-            for step in range(first_step, first_step + num_steps):
-                state, metrics = self.step(state, self._batch(state, batches[0][step], batches[1][step]))
-                history.append(metrics)
-            return state, jax.tree.map(lambda *values: jnp.stack(values), *history)
-        if num_steps == self.steps_per_epoch:
-            return self.epoch(state, self.images, self.labels, key)
-        if num_steps == self.chunk:
-            return self.chunk_call(state, self.images, self.labels, *batches, first_step)
-        return train_chunk(state, self.images, self.labels, *batches, first_step, num_steps, self.mesh)
-
-
-def _check_divergence(losses: np.ndarray, max_loss: float, epoch: int, position: int) -> None:
+def _check_divergence(losses: np.ndarray, max_loss: float, epoch: int, position: int, seeds: list[int]) -> None:
+    """``losses`` has one row per seed; the first diverged step of the first seed that diverged is named."""
     diverged = ~(np.abs(losses) <= max_loss)  # NaN compares False: it counts as diverged
     if diverged.any():
-        bad = int(np.argmax(diverged))
-        raise DivergenceError(epoch, position + bad + 1, float(losses[bad]))
+        row = int(np.argmax(diverged.any(axis=1)))
+        bad = int(np.argmax(diverged[row]))
+        raise DivergenceError(
+            epoch, position + bad + 1, float(losses[row, bad]), seeds[row] if len(seeds) > 1 else None
+        )
 
 
-def _epoch_result(
+def _epoch_results(
     progress: Progress,
+    seeds: list[int],
     evaluations: dict[str, Metrics],
-    learning_rate: float,
+    learning_rates: np.ndarray,
     seconds: float,
     compile_seconds: float,
     images_trained: int,
-) -> EpochResult:
-    val = evaluations.get("val", {})
-    return EpochResult(
-        epoch=progress.epoch,
-        train_loss=float(np.mean(progress.step_losses, dtype=np.float64)),
-        train_accuracy=float(np.mean(progress.step_accuracies, dtype=np.float64)),
-        test_loss=float(evaluations["test"]["loss"]),
-        test_accuracy=float(evaluations["test"]["accuracy"]),
-        seconds=seconds,
-        compile_seconds=compile_seconds,
-        samples_per_second=images_trained / seconds,
-        learning_rate=learning_rate,
-        val_loss=float(val["loss"]) if val else None,
-        val_accuracy=float(val["accuracy"]) if val else None,
+) -> tuple[EpochResult, ...]:
+    """One result per seed; ``evaluations`` and ``learning_rates`` hold one value per seed."""
+    values = {f"{name}_{metric}": per_seed(evaluation[metric], len(seeds))[:, 0]
+              for name, evaluation in evaluations.items() for metric in ("loss", "accuracy")}  # fmt: skip
+    losses, accuracies = per_seed(progress.step_losses, len(seeds)), per_seed(progress.step_accuracies, len(seeds))
+    return tuple(
+        EpochResult(
+            epoch=progress.epoch,
+            train_loss=float(np.mean(losses[row], dtype=np.float64)),
+            train_accuracy=float(np.mean(accuracies[row], dtype=np.float64)),
+            test_loss=float(values["test_loss"][row]),
+            test_accuracy=float(values["test_accuracy"][row]),
+            seconds=seconds,
+            compile_seconds=compile_seconds,
+            samples_per_second=images_trained * len(seeds) / seconds,
+            seed=seed,
+            learning_rate=float(learning_rates[row]),
+            val_loss=float(values["val_loss"][row]) if "val_loss" in values else None,
+            val_accuracy=float(values["val_accuracy"][row]) if "val_accuracy" in values else None,
+        )
+        for row, seed in enumerate(seeds)
     )
 
 
@@ -254,8 +206,9 @@ def fit(
     """
     progress = start_of_run(config, len(train_data[0])) if start is None else start
     train_data, val_data = hold_out(config, *train_data)
+    seeds = seed_values(config)
     place = jax.device_put if mesh is None else partial(replicate, mesh=mesh)
-    state = place(progress.state)
+    state = shard_seeds(progress.state, mesh) if mesh is not None and len(seeds) > 1 else place(progress.state)
     images, labels = place(train_data)
     dtype = param_dtype(state)
     evaluation_sets = {"test": test_data, "val": val_data} if config.val_split else {"test": test_data}
@@ -263,38 +216,45 @@ def fit(
         name: (normalize(place(data[0]), dtype), place(data[1])) for name, data in evaluation_sets.items()
     }
     steps_per_epoch = num_batches(len(images), config.batch_size)
-    programs = _Programs(config, state, images, labels, min(steps_per_call or steps_per_epoch, steps_per_epoch), mesh)
+    programs = Programs(config, state, images, labels, min(steps_per_call or steps_per_epoch, steps_per_epoch), mesh)
     compile_seconds = programs.compile_seconds
-    data_key = run_keys(config.seed)[1]
     while progress.epoch <= config.epochs and not early_stop_due(progress.history, config.early_stopping):
-        key = epoch_key(data_key, progress.epoch)
+        keys = programs.epoch_keys(progress.epoch)
         whole_epoch = config.loop == "scan" and progress.position == 0 and programs.chunk == steps_per_epoch
-        batches = None if whole_epoch else programs.batch_indices(key)
+        batches = None if whole_epoch else programs.batch_indices(keys)
         seconds, first_position = 0.0, progress.position
         while progress.position < steps_per_epoch:
             started = time.perf_counter()
             num_steps = min(programs.chunk, steps_per_epoch - progress.position)
             # The compiled calls donate their input state; copy it so every yielded Progress stays valid.
-            state, metrics = programs.run(jax.tree.map(jnp.copy, state), key, batches, progress.position, num_steps)
-            losses = np.asarray(metrics["loss"])
+            state, metrics = programs.run(jax.tree.map(jnp.copy, state), keys, batches, progress.position, num_steps)
+            losses = per_seed(metrics["loss"], len(seeds))
             seconds += time.perf_counter() - started
-            _check_divergence(losses, max_loss, progress.epoch, progress.position)
+            _check_divergence(losses, max_loss, progress.epoch, progress.position, seeds)
+            accuracies = per_seed(metrics["accuracy"], len(seeds))
+            step_losses = np.concatenate([per_seed(progress.step_losses, len(seeds)), losses], axis=1)
+            step_accuracies = np.concatenate([per_seed(progress.step_accuracies, len(seeds)), accuracies], axis=1)
+            shape = (*progress.step_losses.shape[:-1], -1)  # (steps,) for one seed, (seeds, steps) for several
             progress = Progress(
                 state,
                 progress.epoch,
                 progress.position + num_steps,
-                np.concatenate([progress.step_losses, losses]),
-                np.concatenate([progress.step_accuracies, np.asarray(metrics["accuracy"])]),
+                step_losses.reshape(shape),
+                step_accuracies.reshape(shape),
                 history=progress.history,
             )
             if progress.position == steps_per_epoch:
                 images_trained = min((steps_per_epoch - first_position) * config.batch_size, len(images))
-                evaluations = {name: evaluate(state, *data) for name, data in evaluation_sets.items()}
-                learning_rate = (
-                    float(metrics["learning_rate"][-1]) if "learning_rate" in metrics else config.learning_rate
+                evaluations = {name: programs.evaluate(state, *data) for name, data in evaluation_sets.items()}
+                learning_rates = (
+                    per_seed(metrics["learning_rate"], len(seeds))[:, -1]
+                    if "learning_rate" in metrics
+                    else np.full(len(seeds), config.learning_rate)
                 )
-                result = _epoch_result(progress, evaluations, learning_rate, seconds, compile_seconds, images_trained)
-                progress = dataclasses.replace(progress, result=result, history=(*progress.history, result))
+                results = _epoch_results(
+                    progress, seeds, evaluations, learning_rates, seconds, compile_seconds, images_trained
+                )
+                progress = dataclasses.replace(progress, results=results, history=(*progress.history, *results))
                 compile_seconds = 0.0
             yield progress
         progress = progress.continuation()

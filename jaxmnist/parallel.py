@@ -53,6 +53,14 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, sharding, lambda index: x[index]), tree)
 
 
+def shard_seeds(tree: Any, mesh: Mesh) -> Any:
+    """Splits the leading (seed) axis of every array of ``tree`` over the devices of ``mesh``."""
+    seeds = jax.tree.leaves(tree)[0].shape[0]
+    if seeds % mesh.size:
+        raise DeviceError(f"`seeds`={seeds} do not divide evenly over `num_devices`={mesh.size}")
+    return jax.device_put(tree, batch_sharded(mesh))
+
+
 def padded_batch_width(batch_size: int, mesh: Mesh | None) -> int:
     """The batch rounded up to a multiple of the device count (64 on 3 devices: 66, two slots masked)."""
     devices = 1 if mesh is None else mesh.size

@@ -60,6 +60,29 @@ def plot_losses(
     return figure
 
 
+def plot_loss_band(history: Sequence[Any], path: str | Path | None = None) -> Any:
+    """The training and test loss of several seeds per epoch: their mean, and the [min, max] band shaded.
+
+    ``history`` holds ``EpochResult``s (one per seed per epoch). Returns the figure."""
+    plt = _pyplot()
+    epochs = sorted({result.epoch for result in history})
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for name, label in (("train_loss", "training loss"), ("test_loss", "test loss")):
+        values = np.array([[getattr(r, name) for r in history if r.epoch == epoch] for epoch in epochs])
+        axes.fill_between(epochs, values.min(axis=1), values.max(axis=1), alpha=0.3)
+        axes.plot(epochs, values.mean(axis=1), "o-", label=f"{label}, mean and [min, max] of {values.shape[1]} seeds")
+    axes.set_xlabel("epoch")
+    axes.set_ylabel("loss")
+    axes.set_xticks(epochs)
+    axes.set_title("jaxmnist: the lesson's MLP on MNIST, many seeds")
+    axes.legend()
+    figure.tight_layout()
+    if path is not None:
+        save_figure(figure, Path(path))
+        plt.close(figure)
+    return figure
+
+
 def save_figure(figure: Any, path: Path) -> None:
     """Renders ``figure`` in the format of ``path``'s suffix and writes it atomically (``OSError`` on failure)."""
     rendered = io.BytesIO()

@@ -9,7 +9,14 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxmnist.commands.kit import EXIT_BAD_INPUT, OneLineParser, configure_jax, positive_int, report_error
+from jaxmnist.commands.kit import (
+    EXIT_BAD_INPUT,
+    OneLineParser,
+    configure_jax,
+    non_negative_int,
+    positive_int,
+    report_error,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         metavar="FILE",
         help="parameters written by python -m jaxmnist.train --save FILE",
+    )
+    parser.add_argument(
+        "--seed",
+        type=non_negative_int,
+        default=None,
+        help="with parameters of several seeds (--seeds): use this seed's alone (default: the mean of all)",
     )
     parser.add_argument("--top", type=positive_int, default=3, help="how many digits to show per image (default 3)")
     parser.add_argument(
@@ -42,7 +55,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         report_error(error, {"path": "--params"}, debug=False)
         return EXIT_BAD_INPUT
     configure_jax(config.dtype == "float64", compile_cache=False)
-    probabilities = predict_probabilities(config, params, images)
+    try:
+        probabilities = predict_probabilities(config, params, images, args.seed)
+    except ValueError as error:
+        report_error(error, {"seed": "--seed"}, debug=False)
+        return EXIT_BAD_INPUT
     for path, row in zip(args.images, probabilities):
         best = np.argsort(row)[::-1][: min(args.top, len(row))]
         print(f"{path}: " + ", ".join(f"{digit} ({row[digit]:.3f})" for digit in best))

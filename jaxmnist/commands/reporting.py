@@ -8,6 +8,8 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from jaxmnist.checkpoint import params_file_bytes
 from jaxmnist.commands.tensorboard import TensorBoardLog
 from jaxmnist.config import TrainConfig
@@ -33,6 +35,29 @@ def epoch_lines(result: EpochResult, config: TrainConfig, previous: EpochResult 
         f"  epoch {result.epoch}/{config.epochs}: test loss {result.test_loss:.4f}, "
         f"test accuracy {result.test_accuracy:.4f}, {validation}{rate}{result.seconds:.2f} s "
         f"({result.samples_per_second:,.0f} images/s)"
+    )
+
+
+def _band(values: list[float]) -> str:
+    array = np.asarray(values)
+    return f"{array.mean():.4f} ± {array.std():.4f} [{array.min():.4f}, {array.max():.4f}]"
+
+
+def band_lines(results: tuple[EpochResult, ...], config: TrainConfig) -> str:
+    """The epoch of several seeds: mean ± std [min, max] over the seeds of each loss and accuracy."""
+    first = results[0]
+    column = {name: [getattr(result, name) for result in results] for name in
+              ("train_loss", "test_loss", "test_accuracy", "val_loss", "val_accuracy")}  # fmt: skip
+    compiled = f"compiled in {first.compile_seconds:.2f} s\n" if first.compile_seconds else ""
+    validation = ""
+    if first.val_loss is not None:
+        validation = f"val loss {_band(column['val_loss'])}, val accuracy {_band(column['val_accuracy'])}, "
+    rate = f"lr {first.learning_rate:.6g}, " if config.schedule != "constant" else ""
+    return (
+        f"{compiled}Training loss: {_band(column['train_loss'])} (mean ± std [min, max] of {len(results)} seeds)\n"
+        f"  epoch {first.epoch}/{config.epochs}: test loss {_band(column['test_loss'])}, "
+        f"test accuracy {_band(column['test_accuracy'])}, {validation}{rate}{first.seconds:.2f} s "
+        f"({first.samples_per_second:,.0f} images/s)"
     )
 
 
@@ -93,22 +118,25 @@ class Reporter:
 
     def update(self, progress: Progress) -> None:
         self.bar.update(self._steps_done(progress) - self.bar.n)
-        self.bar.set_postfix(epoch=progress.epoch, loss=f"{float(progress.step_losses[-1]):.4f}")
+        self.bar.set_postfix(epoch=progress.epoch, loss=f"{float(np.mean(progress.step_losses[..., -1])):.4f}")
         if self.tensorboard is not None:
             self.tensorboard.steps(progress, self._position if progress.epoch == self._epoch else 0)
         self._epoch, self._position = progress.epoch, progress.position
-        if progress.result is None:
+        if not progress.results:
             return
         previous = self.history[-1] if self.history else None
         self.history = progress.history
-        self.bar.write(epoch_lines(progress.result, self.config, previous))
+        if len(progress.results) > 1:
+            self.bar.write(band_lines(progress.results, self.config))
+        else:
+            self.bar.write(epoch_lines(progress.result, self.config, previous))
         sys.stdout.flush()
         self._write_metrics()
         best = best_epoch(self.history)
         if self.save_best is not None and best is progress.result:
             write_output(self.save_best, params_file_bytes(self.config, progress.state.params))
         if self.tensorboard is not None:
-            self.tensorboard.epoch(progress.result)
+            self.tensorboard.epoch(progress.results)
 
     def _write_metrics(self) -> None:
         if self.metrics_out is not None:
@@ -124,8 +152,15 @@ class Reporter:
         """The loss curves of every finished epoch, resumed ones included, into ``plot``."""
         if self.plot is None or not self.history:
             return
-        from jaxmnist.plots import plot_losses
+        from jaxmnist.plots import plot_loss_band, plot_losses
 
+        if self.config.seeds > 1:
+            try:
+                plot_loss_band(self.history, self.plot)
+            except OSError as error:
+                raise OutputWriteError(self.plot, error) from error
+            print(f"loss band plot written to {self.plot}")
+            return
         curves = {
             name: [getattr(result, name) for result in self.history] for name in ("train_loss", "test_loss", "val_loss")
         }

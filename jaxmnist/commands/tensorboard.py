@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import numpy as np
+
 from jaxmnist.config import TrainConfig, config_to_dict
 from jaxmnist.loop import EpochResult, Progress, best_epoch
 
@@ -37,14 +39,20 @@ class TensorBoardLog:
         before = (progress.epoch - 1) * self.steps_per_epoch
         for position in range(first_position, progress.position):
             if (before + position + 1) % self.every == 0:
-                self.writer.add_scalar("batch/loss", float(progress.step_losses[position]), before + position + 1)
+                loss = float(np.mean(progress.step_losses[..., position]))  # several seeds: their mean
+                self.writer.add_scalar("batch/loss", loss, before + position + 1)
 
-    def epoch(self, result: EpochResult) -> None:
+    def epoch(self, results: tuple[EpochResult, ...]) -> None:
+        """The epoch's scalars; with several seeds their mean, and ``_min``/``_max`` beside it."""
         for name in ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "val_loss", "val_accuracy",
                      "learning_rate"):  # fmt: skip
-            value = getattr(result, name)
-            if value is not None:
-                self.writer.add_scalar(f"epoch/{name}", value, result.epoch)
+            values = [getattr(result, name) for result in results]
+            if None in values:
+                continue
+            self.writer.add_scalar(f"epoch/{name}", float(np.mean(values)), results[0].epoch)
+            if len(results) > 1:
+                self.writer.add_scalar(f"epoch/{name}_min", min(values), results[0].epoch)
+                self.writer.add_scalar(f"epoch/{name}_max", max(values), results[0].epoch)
         self.writer.flush()
 
     def close(self, history: tuple[EpochResult, ...]) -> None:

@@ -206,6 +206,8 @@ def _check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Nam
     distributed = (args.coordinator, args.num_processes, args.process_id)
     if any(value is not None for value in distributed) and None in distributed:
         parser.error("arguments --coordinator, --num-processes and --process-id go together")
+    if args.save_best is not None and args.seeds > 1:
+        parser.error("argument --save-best: picks one epoch of one run, not of --seeds runs")
     if args.save_best is not None and not args.val_split:
         parser.error("argument --save-best: needs --val-split N, the held-out images that choose the best epoch")
     if args.num_processes is not None and args.process_id >= args.num_processes:
@@ -286,6 +288,8 @@ def describe(config: TrainConfig, num_images: int, mesh) -> str:
     schedule = "" if config.schedule == "constant" else f" ({config.schedule} schedule)"
     held_out = f" ({config.val_split} held out for validation)" if config.val_split else ""
     dropout = f", dropout {config.dropout}" if config.dropout else ""
+    if config.seeds > 1:
+        where += f", {config.seeds} seeds ({config.seed}..{config.seed + config.seeds - 1}) in one program"
     return (
         f"MLP {layers} ({config.activation}, {config.weight_init} init{dropout}), {config.loss} loss, "
         f"{OPTIMIZER_NAMES[config.optimizer]} lr {config.learning_rate}{schedule}, batch {config.batch_size}, "
@@ -350,7 +354,7 @@ def _say_how_it_ended(config: TrainConfig, history, args: argparse.Namespace) ->
     from jaxmnist.loop import best_epoch, early_stop_due
 
     best = best_epoch(history)
-    if best is None:
+    if best is None or config.seeds > 1:
         return
     if early_stop_due(history, config.early_stopping):
         print(f"early stopping: the validation loss has not improved for {config.early_stopping} epochs")
@@ -399,7 +403,7 @@ def _train(args: argparse.Namespace, argv: list[str], config: TrainConfig, mesh,
                 reporter.update(progress)
                 checkpoint_now = progress.epoch_done or args.checkpoint_every or stop.signal_number
                 if writer and args.checkpoint_dir is not None and checkpoint_now:
-                    path = checkpoint_path(args.checkpoint_dir, int(progress.state.step))
+                    path = checkpoint_path(args.checkpoint_dir, progress.global_step)
                     try:
                         saved_at = save_checkpoint(args.checkpoint_dir, config, progress, keep=args.keep)
                     except OSError as error:

@@ -36,12 +36,28 @@ def read_digit_image(path: Path) -> np.ndarray:
     return 255 - pixels if pixels.mean() > 127 else pixels
 
 
-def predict_probabilities(config: TrainConfig, params: Any, images: np.ndarray) -> np.ndarray:
-    """Class probabilities ``(N, 10)`` of uint8 ``images`` under a trained model's config and parameters."""
+def predict_probabilities(config: TrainConfig, params: Any, images: np.ndarray, seed: int | None = None) -> np.ndarray:
+    """Class probabilities ``(N, 10)`` of uint8 ``images`` under a trained model's config and parameters.
+
+    Parameters of several seeds (``config.seeds`` > 1, stacked) give the ensemble's mean probability, or
+    those of ``seed`` alone.
+    """
     import jax
 
-    from jaxmnist.config import build_model
+    from jaxmnist.config import build_model, seed_values
     from jaxmnist.normalization import normalize
 
-    logits = build_model(config).apply({"params": params}, normalize(images, np.dtype(config.dtype)))
-    return np.asarray(jax.nn.softmax(logits))
+    model, inputs = build_model(config), normalize(images, np.dtype(config.dtype))
+    probabilities = lambda params: jax.nn.softmax(model.apply({"params": params}, inputs))
+    if config.seeds == 1:
+        if seed not in (None, config.seed):
+            raise ValueError(f"`seed`={seed}: these parameters are of seed {config.seed} alone")
+        return np.asarray(probabilities(params))
+    each = np.asarray(jax.vmap(probabilities)(params))
+    if seed is None:
+        return each.mean(axis=0)
+    if seed not in seed_values(config):
+        raise ValueError(
+            f"`seed`={seed}: these parameters are of seeds {config.seed}..{config.seed + config.seeds - 1}"
+        )
+    return each[seed - config.seed]

@@ -48,16 +48,7 @@ def plot_losses(
     axes.plot(epochs, test_losses, "s--", label="test loss")
     if val_losses is not None:
         axes.plot(epochs, val_losses, "^:", label="validation loss")
-    axes.set_xlabel("epoch")
-    axes.set_ylabel("loss")
-    axes.set_xticks(epochs)
-    axes.set_title("jaxmnist: the lesson's MLP on MNIST")
-    axes.legend()
-    figure.tight_layout()
-    if path is not None:
-        save_figure(figure, Path(path))
-        plt.close(figure)
-    return figure
+    return _finish(figure, axes, epochs, "jaxmnist: the lesson's MLP on MNIST", path)
 
 
 def plot_loss_band(history: Sequence[Any], path: str | Path | None = None) -> Any:
@@ -71,15 +62,20 @@ def plot_loss_band(history: Sequence[Any], path: str | Path | None = None) -> An
         values = np.array([[getattr(r, name) for r in history if r.epoch == epoch] for epoch in epochs])
         axes.fill_between(epochs, values.min(axis=1), values.max(axis=1), alpha=0.3)
         axes.plot(epochs, values.mean(axis=1), "o-", label=f"{label}, mean and [min, max] of {values.shape[1]} seeds")
+    return _finish(figure, axes, epochs, "jaxmnist: the lesson's MLP on MNIST, many seeds", path)
+
+
+def _finish(figure: Any, axes: Any, epochs: Sequence[int], title: str, path: str | Path | None) -> Any:
+    """Labels a loss-per-epoch figure and, given ``path``, writes it and releases it."""
     axes.set_xlabel("epoch")
     axes.set_ylabel("loss")
     axes.set_xticks(epochs)
-    axes.set_title("jaxmnist: the lesson's MLP on MNIST, many seeds")
+    axes.set_title(title)
     axes.legend()
     figure.tight_layout()
     if path is not None:
         save_figure(figure, Path(path))
-        plt.close(figure)
+        _pyplot().close(figure)
     return figure
 
 

@@ -14,6 +14,13 @@ loop (a DataLoader with a per-image transform). torchvision is not needed: witho
 same tensor ops), and the table says so. The lesson's loop is timed on its first ``--lesson-steps``
 batches and scaled to a whole epoch of 938. Also measured: ``import jaxmnist``, the CLI's one-epoch wall
 time with a cold and a warm compilation cache, and the peak RSS of a 5-epoch CLI run.
+
+    python scripts/benchmark.py --seeds 16 --epochs 2   # N seeds together vs apart, beside the GEMM floor
+
+``--seeds N`` times N seeds in one vmapped program against N single-seed runs one after another (in one
+process, and as N commands with a fresh compilation cache) and N tuned PyTorch runs; the floor is the
+lesson's GEMMs (forward, weight and input gradients at batch 64) timed under XLA and summed per epoch,
+and each row says what fraction of that floor it reaches.
 """
 
 from __future__ import annotations
@@ -157,11 +164,138 @@ def worker_torch_lesson(args: argparse.Namespace) -> dict:
     return {"epoch_seconds": times, "emulated_torchvision": emulated, "steps_timed": step}
 
 
-WORKERS = {"jaxmnist": worker_jaxmnist, "torch_tuned": worker_torch_tuned, "torch_lesson": worker_torch_lesson}
+def worker_jaxmnist_seeds(args: argparse.Namespace) -> dict:
+    """Epoch seconds of ``--seeds`` runs in one vmapped program, after one untimed epoch."""
+    from jaxmnist.config import TrainConfig
+    from jaxmnist.data import load_mnist
+    from jaxmnist.loop import fit
+
+    data = load_mnist("train", args.data_dir), load_mnist("test", args.data_dir)
+    history = list(fit(TrainConfig(seeds=args.seeds, epochs=args.epochs + 1), *data))
+    return {"epoch_seconds": [p.results[0].seconds for p in history if p.results][1:]}
+
+
+def worker_jaxmnist_separate(args: argparse.Namespace) -> dict:
+    """Seconds of ``--seeds`` single-seed runs of ``--epochs`` epochs one after another, in one process
+    (compilation and evaluation included, as for the seeds together)."""
+    from jaxmnist.config import TrainConfig
+    from jaxmnist.data import load_mnist
+    from jaxmnist.loop import fit
+
+    data = load_mnist("train", args.data_dir), load_mnist("test", args.data_dir)
+    started = time.perf_counter()  # each fit compiles its own programs, as a loop over fit does
+    for seed in range(args.seeds):
+        list(fit(TrainConfig(seed=seed, epochs=args.epochs), *data))
+    return {"total_seconds": time.perf_counter() - started}
+
+
+def worker_torch_seeds(args: argparse.Namespace) -> dict:
+    """Seconds of ``--seeds`` tuned eager PyTorch runs of ``--epochs`` epochs, one after another."""
+    import torch
+
+    from jaxmnist.torch_compat import normalize_torch
+
+    images, labels = _torch_data(args)
+    inputs = normalize_torch(images, torch.float32).reshape(len(images), -1)
+    started = time.perf_counter()
+    for seed in range(args.seeds):
+        torch.manual_seed(seed)
+        model, optimizer, criterion = _torch_setup()
+        for _ in range(args.epochs):
+            order = torch.randperm(len(inputs))
+            for start in range(0, len(inputs), 64):
+                batch = order[start : start + 64]
+                _torch_step(model, optimizer, criterion, inputs[batch], labels[batch])
+    return {"total_seconds": time.perf_counter() - started}
+
+
+# The lesson's GEMMs per step (batch 64): forward, weight gradients, and the gradients of the hidden inputs.
+LESSON_GEMMS = {
+    "forward 64x784 @ 784x128": ((64, 784), (784, 128)),
+    "forward 64x128 @ 128x64": ((64, 128), (128, 64)),
+    "forward 64x64 @ 64x10": ((64, 64), (64, 10)),
+    "weight grad 784x64 @ 64x128": ((784, 64), (64, 128)),
+    "weight grad 128x64 @ 64x64": ((128, 64), (64, 64)),
+    "weight grad 64x64 @ 64x10": ((64, 64), (64, 10)),
+    "input grad 64x10 @ 10x64": ((64, 10), (10, 64)),
+    "input grad 64x64 @ 64x128": ((64, 64), (64, 128)),
+}
+
+
+def worker_floor(args: argparse.Namespace) -> dict:
+    """The machine's floor: each of the lesson's GEMMs timed under XLA, 938 times in one compiled scan."""
+    import jax
+    import jax.numpy as jnp
+
+    seconds = {}
+    for name, (left_shape, right_shape) in LESSON_GEMMS.items():
+        left, right = jnp.ones(left_shape) / 100, jnp.ones(right_shape) / 100
+
+        @jax.jit
+        def repeated(left, right):
+            def step(carry, _):  # a dependent chain, so XLA runs every product
+                return carry + jnp.dot(left + carry, right)[0, 0] * 1e-12, None
+
+            return jax.lax.scan(step, jnp.zeros(()), None, length=EPOCH_STEPS)[0]
+
+        jax.block_until_ready(repeated(left, right))
+        times = []
+        for _ in range(5):
+            started = time.perf_counter()
+            jax.block_until_ready(repeated(left, right))
+            times.append(time.perf_counter() - started)
+        seconds[name] = statistics.median(times)
+    return {"gemm_epoch_seconds": seconds, "floor_epoch_seconds": sum(seconds.values())}
+
+
+WORKERS = {
+    "jaxmnist": worker_jaxmnist,
+    "torch_tuned": worker_torch_tuned,
+    "torch_lesson": worker_torch_lesson,
+    "jaxmnist_seeds": worker_jaxmnist_seeds,
+    "jaxmnist_separate": worker_jaxmnist_separate,
+    "torch_seeds": worker_torch_seeds,
+    "floor": worker_floor,
+}
+
+
+def seeds_benchmark(args: argparse.Namespace) -> dict:
+    """N seeds together against N separate runs (in one process, as N commands) and N PyTorch runs, beside
+    the machine's GEMM floor; prints a table of seconds per seed-epoch and the floor fraction of each."""
+    n, epochs = args.seeds, args.epochs
+    floor = run_worker("floor", args)
+    together = run_worker("jaxmnist_seeds", args, seeds=n)
+    separate = run_worker("jaxmnist_separate", args, seeds=n)
+    env = {**os.environ, **({"JAXMNIST_DATA_DIR": str(args.data_dir)} if args.data_dir else {})}
+    with tempfile.TemporaryDirectory() as cache:
+        env["XDG_CACHE_HOME"] = cache  # every command compiles for itself, as on a fresh machine
+        command = [sys.executable, "-m", "jaxmnist.train", "--epochs", str(epochs), "--quiet"]
+        one_command, rss = timed_command([*command, "--seeds", str(n)], env)
+        n_commands = sum(timed_command([*command, "--seed", str(seed)], env)[0] for seed in range(n))
+    rows = {
+        f"{n} seeds in one program (steady epoch)": statistics.median(together["epoch_seconds"]) / n,
+        f"{n} runs one after another, one process": separate["total_seconds"] / (n * epochs),
+        f"python -m jaxmnist.train --seeds {n}": one_command / (n * epochs),
+        f"{n} x python -m jaxmnist.train --seed S": n_commands / (n * epochs),
+    }
+    if has_torch() and not args.no_torch:
+        rows[f"{n} tuned PyTorch runs"] = run_worker("torch_seeds", args, seeds=n)["total_seconds"] / (n * epochs)
+    print(
+        f"\n{n} seeds x {epochs} epochs; floor: the lesson's GEMMs under XLA, "
+        f"{floor['floor_epoch_seconds']:.3f} s/epoch"
+    )
+    print(f"{'contender':<44} {'s per seed-epoch':>16} {'of floor':>9}")
+    for label, seconds in rows.items():
+        print(f"{label:<44} {seconds:>16.3f} {floor['floor_epoch_seconds'] / seconds:>9.0%}")
+    print(f"{n} commands / one --seeds command: {n_commands / one_command:.1f}x; "
+          f"the --seeds command's peak RSS {rss:.0f} MiB")  # fmt: skip
+    return {"floor": floor, "rows": rows, "one_command_seconds": one_command, "n_commands_seconds": n_commands,
+            "one_command_peak_rss_mib": rss}  # fmt: skip
 
 
 def run_worker(name: str, args: argparse.Namespace, source: Path | None = None, **overrides) -> dict:
-    options = {"epochs": args.epochs, "batch_size": 64, "lesson_steps": args.lesson_steps, **overrides}
+    options = {"epochs": args.epochs, "batch_size": 64, "lesson_steps": args.lesson_steps, "seeds": args.seeds,
+               **overrides}  # fmt: skip
     command = [sys.executable, __file__, "--worker", name] + [
         f"--{key.replace('_', '-')}={value}" for key, value in options.items()
     ]
@@ -232,12 +366,23 @@ def main() -> int:
     )
     parser.add_argument("--no-torch", action="store_true", help="time jaxmnist only")
     parser.add_argument("--no-startup", action="store_true", help="skip the import and command-line timings")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead: N seeds in one program against N separate runs and N PyTorch runs, with the GEMM floor",
+    )
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--batch-size", type=int, default=64, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         result = WORKERS[args.worker](args)
         print(json.dumps({**result, "peak_rss_mib": peak_rss_mib()}))
+        return 0
+    if args.seeds:
+        args.json.write_text(json.dumps(seeds_benchmark(args), indent=1))
+        print(f"wrote {args.json}")
         return 0
 
     contenders = {f"jaxmnist batch {size}": ("jaxmnist", {"batch_size": size}) for size in (64, 256, 1024)}

@@ -8,7 +8,7 @@ writes a JSON report and a PNG of both loss curves.
 
     python scripts/compare_pytorch.py                   # one epoch, float32
     python scripts/compare_pytorch.py --dtype float64   # one epoch, both frameworks in float64
-    python scripts/compare_pytorch.py --seeds 5         # jaxmnist's default run on 5 seeds vs the band
+    python scripts/compare_pytorch.py --seeds 100       # 100 seeds in one program vs PyTorch's 100 seeds
 
 Needs torch for parity (``pip install torch==2.13.0``), matplotlib for the PNG (skipped without it).
 """
@@ -16,6 +16,7 @@ Needs torch for parity (``pip install torch==2.13.0``), matplotlib for the PNG (
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -38,7 +39,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--data-dir", type=Path, default=None, help="MNIST folder (default: $JAXMNIST_DATA_DIR)")
     parser.add_argument(
-        "--seeds", type=int, default=0, help="distribution mode: train jaxmnist's default run on this many seeds"
+        "--seeds",
+        type=int,
+        default=0,
+        help="distribution mode: jaxmnist's default run on this many seeds (one program), compared with PyTorch's",
+    )
+    parser.add_argument(
+        "--run-torch",
+        action="store_true",
+        help="with --seeds: run PyTorch's seeds here instead of using its 100 measured ones",
     )
     parser.add_argument("--json", type=Path, default=Path("compare_pytorch.json"), help="report file")
     parser.add_argument("--png", type=Path, default=Path("compare_pytorch.png"), help="loss-curve plot")
@@ -164,36 +173,98 @@ def plot(report: dict, path: Path) -> None:
     print(f"wrote {path}")
 
 
+def torch_seed_runs(seeds: int, data_dir: Path | None) -> dict[str, np.ndarray]:
+    """The lesson in tuned eager PyTorch for ``torch.manual_seed(0 .. seeds - 1)``: epoch losses and accuracy."""
+    import torch
+
+    from jaxmnist.data import load_mnist
+    from jaxmnist.torch_compat import lesson_model, normalize_torch, torch_accuracy
+
+    (images, labels), (test_images, test_labels) = load_mnist("train", data_dir), load_mnist("test", data_dir)
+    inputs = normalize_torch(images, torch.float32).reshape(len(images), -1)
+    targets = torch.from_numpy(labels.astype(np.int64))
+    losses, accuracies = [], []
+    for seed in range(seeds):
+        torch.manual_seed(seed)
+        model = lesson_model()
+        optimizer, criterion = torch.optim.SGD(model.parameters(), lr=0.003), torch.nn.NLLLoss()
+        epochs = []
+        for _ in range(5):
+            order, total = torch.randperm(len(inputs)), 0.0
+            for start in range(0, len(inputs), 64):
+                batch = order[start : start + 64]
+                optimizer.zero_grad()
+                loss = criterion(model(inputs[batch]), targets[batch])
+                loss.backward()
+                optimizer.step()
+                total += loss.item()
+            epochs.append(total / -(-len(inputs) // 64))
+        losses.append(epochs)
+        accuracies.append(torch_accuracy(model, test_images, test_labels))
+        print(f"PyTorch seed {seed}: " + "  ".join(f"{loss:.4f}" for loss in epochs), flush=True)
+    return {"epoch_losses": np.array(losses), "test_accuracy": np.array(accuracies)}
+
+
+def plot_bands(ours: np.ndarray, theirs: np.ndarray, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot written", file=sys.stderr)
+        return
+    figure, axes = plt.subplots(figsize=(7, 4))
+    epochs = np.arange(1, ours.shape[1] + 1)
+    for values, label in (
+        (theirs[:, : len(epochs)], f"PyTorch, {len(theirs)} seeds"),
+        (ours, f"jaxmnist, {len(ours)} seeds"),
+    ):
+        axes.fill_between(epochs, values.min(axis=0), values.max(axis=0), alpha=0.3)
+        axes.plot(epochs, values.mean(axis=0), "o-", label=f"{label}: mean, [min, max]")
+    axes.set_xlabel("epoch")
+    axes.set_ylabel("training loss")
+    axes.set_xticks(epochs)
+    axes.set_title("The lesson's loss band: jaxmnist beside PyTorch")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    print(f"wrote {path}")
+
+
 def distribution(args: argparse.Namespace) -> dict:
+    """jaxmnist's default run on ``--seeds`` seeds (one vmapped program) against PyTorch's seeds."""
+    from jaxmnist.comparison import compare_bands, verdict
     from jaxmnist.config import TrainConfig
     from jaxmnist.data import load_mnist
-    from jaxmnist.lesson import PYTORCH_LOSS_BAND, PYTORCH_TEST_ACCURACY
+    from jaxmnist.lesson import pytorch_seed_runs
     from jaxmnist.loop import fit
 
     train_data, test_data = load_mnist("train", args.data_dir), load_mnist("test", args.data_dir)
-    losses, accuracies = [], []
-    for seed in range(args.seeds):
-        results = [progress.result for progress in fit(TrainConfig(seed=seed), train_data, test_data)]
-        losses.append([result.train_loss for result in results])
-        accuracies.append(results[-1].test_accuracy)
-        print(
-            f"seed {seed}: " + "  ".join(f"{loss:.4f}" for loss in losses[-1]) + f"  accuracy {accuracies[-1]:.4f}",
-            flush=True,
-        )
-    losses_array = np.array(losses)
-    print(f"\njaxmnist, {args.seeds} seeds, beside PyTorch's 100-seed band (jaxmnist/lesson.py)")
-    print("epoch  jaxmnist mean  [min, max]          PyTorch mean ± std    [min, max]         z of our mean")
-    for epoch, (column, (mean, std, low, high)) in enumerate(zip(losses_array.T, PYTORCH_LOSS_BAND), start=1):
-        print(
-            f"{epoch:>5}  {column.mean():.4f}         [{column.min():.4f}, {column.max():.4f}]    "
-            f"{mean:.4f} ± {std:.4f}       [{low:.4f}, {high:.4f}]   {(column.mean() - mean) / std:+.2f}"
-        )
-    mean, low, high = PYTORCH_TEST_ACCURACY
-    print(
-        f"test accuracy: jaxmnist mean {np.mean(accuracies):.4f} [{min(accuracies):.4f}, {max(accuracies):.4f}]; "
-        f"PyTorch mean {mean:.4f} [{low:.4f}, {high:.4f}]"
+    started = time.perf_counter()
+    history = list(fit(TrainConfig(seeds=args.seeds), train_data, test_data))[-1].history
+    seconds = time.perf_counter() - started
+    ours = np.array([[r.train_loss for r in history if r.seed == seed] for seed in range(args.seeds)])
+    accuracy = np.array([r.test_accuracy for r in history if r.epoch == 5])
+    theirs = torch_seed_runs(args.seeds, args.data_dir) if args.run_torch else pytorch_seed_runs()
+    source = (
+        f"PyTorch run here on {args.seeds} seeds"
+        if args.run_torch
+        else "PyTorch's 100 measured seeds (jaxmnist/reference)"
     )
-    return {"seeds": args.seeds, "epoch_losses": losses, "test_accuracy": accuracies}
+    comparisons = compare_bands(ours, theirs["epoch_losses"])
+    print(f"\njaxmnist: {args.seeds} seeds in one program, {seconds:.1f} s; against {source}")
+    print("epoch  jaxmnist mean ± std    PyTorch mean ± std     diff/SE   Welch p   KS p")
+    for c in comparisons:
+        print(f"{c.epoch:>5}  {c.ours_mean:.4f} ± {c.ours_std:.4f}      {c.theirs_mean:.4f} ± {c.theirs_std:.4f}"
+              f"      {c.difference_in_standard_errors:+6.2f}   {c.welch_p:7.3f}  {c.ks_p:6.3f}")  # fmt: skip
+    print(f"test accuracy: jaxmnist {accuracy.mean():.4f} ± {accuracy.std(ddof=1):.4f}; "
+          f"PyTorch {theirs['test_accuracy'].mean():.4f} ± {theirs['test_accuracy'].std(ddof=1):.4f}")  # fmt: skip
+    print("verdict:", verdict(comparisons))
+    plot_bands(ours, theirs["epoch_losses"], args.png)
+    comparisons_json = [dataclasses.asdict(comparison) for comparison in comparisons]
+    return {"seeds": args.seeds, "seconds": seconds, "epoch_losses": ours.tolist(),
+            "test_accuracy": accuracy.tolist(), "comparisons": comparisons_json}  # fmt: skip
 
 
 def main() -> int:

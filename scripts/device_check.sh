@@ -22,3 +22,6 @@ python -m pytest -q tests/test_losses.py tests/test_model.py tests/test_train.py
 python -m jaxmnist.train --epochs 5 --no-compile-cache --quiet 2>&1 | tee "$out/train.log"
 
 python scripts/benchmark.py --repeats 3 --epochs 3 --json "$out/benchmark.json" 2> "$out/benchmark.err" | tee "$out/benchmark.log"
+
+# Many seeds: 100 seeds in one program against one run (on an accelerator, 100 runs should cost about one).
+python scripts/benchmark.py --seeds 100 --epochs 1 --no-torch --json "$out/benchmark_seeds.json" 2> "$out/benchmark_seeds.err" | tee "$out/benchmark_seeds.log"

@@ -1,0 +1,230 @@
+"""One training run from parsed flags: outputs checked, devices, resume, fit, printing, files, signals."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import shlex
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+from jaxmnist.commands.kit import EXIT_WRITE_FAILED, configure_jax, load_splits
+from jaxmnist.config import TrainConfig
+
+OPTIMIZER_NAMES = {"sgd": "SGD", "momentum": "SGD with momentum", "nesterov": "SGD with Nesterov momentum",
+                   "adam": "Adam", "adamw": "AdamW"}  # fmt: skip
+# API arguments of the library that flags other than the config's set.
+
+
+class OutputError(ValueError):
+    """An output path cannot be written; found before training starts."""
+
+
+def check_writable_folder(folder: Path, flag: str) -> None:
+    """Creates ``folder`` if needed and proves a file can be written there."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise OutputError(f"{flag} {folder}: cannot write there ({error.strerror or error})") from error
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Every output path is proven writable before the first training step."""
+    if args.checkpoint_dir is not None:
+        check_writable_folder(args.checkpoint_dir, "--checkpoint-dir")
+    if args.tensorboard is not None:
+        from jaxmnist.commands.tensorboard import INSTALL_HINT, tensorboard_available
+
+        if not tensorboard_available():
+            raise OutputError(f"--tensorboard needs tensorboardX: {INSTALL_HINT}")
+        check_writable_folder(args.tensorboard, "--tensorboard")
+    files = {"--metrics-out": args.metrics_out, "--plot": args.plot, "--save": args.save, "--save-best": args.save_best}
+    for flag, path in files.items():
+        if path is None:
+            continue
+        if path.is_dir():
+            raise OutputError(f"{flag} {path}: is a folder, expected a file name")
+        check_writable_folder(path.parent, flag)
+    if args.plot is not None and args.plot.suffix.lower() not in (".png", ".pdf", ".svg"):
+        raise OutputError(f"--plot {args.plot}: use a .png, .pdf or .svg file name")
+
+
+def describe(config: TrainConfig, num_images: int, mesh) -> str:
+    """One line: the model, the optimization, the data and the devices."""
+    from jaxmnist.parallel import padded_batch_width
+
+    device = mesh.devices.flat[0]
+    layers = "-".join(str(size) for size in (784, *config.hidden_sizes, 10))
+    where = f"{device.platform} ({device.device_kind})"
+    if mesh.size > 1:
+        width = padded_batch_width(config.batch_size, mesh)
+        where = f"{mesh.size} {where} devices, {width // mesh.size} images of each batch per device"
+    schedule = "" if config.schedule == "constant" else f" ({config.schedule} schedule)"
+    held_out = f" ({config.val_split} held out for validation)" if config.val_split else ""
+    dropout = f", dropout {config.dropout}" if config.dropout else ""
+    if config.seeds > 1:
+        where += f", {config.seeds} seeds ({config.seed}..{config.seed + config.seeds - 1}) in one program"
+    return (
+        f"MLP {layers} ({config.activation}, {config.weight_init} init{dropout}), {config.loss} loss, "
+        f"{OPTIMIZER_NAMES[config.optimizer]} lr {config.learning_rate}{schedule}, batch {config.batch_size}, "
+        f"{config.epochs} epochs, {num_images - config.val_split} training images{held_out}, {config.dtype} on {where}"
+    )
+
+
+def start_devices(args: argparse.Namespace):
+    """Joins the other processes (several hosts) and builds the device mesh the flags ask for."""
+    import jax
+
+    from jaxmnist.parallel import make_mesh
+
+    if args.coordinator is not None:
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    return make_mesh(args.devices, args.platform)
+
+
+def run(args: argparse.Namespace, argv: list[str], config: TrainConfig) -> int:
+    """Trains as the flags say; returns the exit code (130/143 when stopped by a signal)."""
+    import jax
+
+    configure_jax(args.dtype == "float64", not args.no_compile_cache)
+    mesh = start_devices(args)
+    if jax.process_index() == 0:
+        return _train(args, argv, config, mesh, writer=True)
+    # Several hosts: process 0 prints and writes every file; the others train in step, silently.
+    args = argparse.Namespace(**{**vars(args), "quiet": True, "metrics_out": None, "plot": None, "save": None})
+    with contextlib.redirect_stdout(io.StringIO()):
+        return _train(args, argv, config, mesh, writer=False)
+
+
+def _resume(args: argparse.Namespace, config: TrainConfig, num_train_images: int):
+    """The checkpoint to continue from, saying which damaged ones were passed over; None: a new run."""
+    from jaxmnist.checkpoint import resume
+
+    restored, damaged = resume(args.checkpoint_dir, config, num_train_images)
+    for line in damaged:
+        print(f"warning: skipping damaged checkpoint {line}", file=sys.stderr, flush=True)
+    if restored is None:
+        print(f"no checkpoint in {args.checkpoint_dir} yet: starting a new run", flush=True)
+        return None
+    where = f"epoch {restored.progress.epoch}, {restored.progress.position} steps into it"
+    print(f"resuming from {restored.path}: {where}", flush=True)
+    return restored
+
+
+def _reporter(args: argparse.Namespace, config: TrainConfig, steps_per_epoch: int, start):
+    from jaxmnist.commands.reporting import Reporter
+    from jaxmnist.commands.tensorboard import TensorBoardLog
+
+    tensorboard = None
+    if args.tensorboard is not None:
+        tensorboard = TensorBoardLog(args.tensorboard, config, steps_per_epoch, args.tensorboard_every)
+    return Reporter(
+        config, steps_per_epoch, start, quiet=args.quiet, metrics_out=args.metrics_out, plot=args.plot,
+        save_best=args.save_best, tensorboard=tensorboard,
+    )  # fmt: skip
+
+
+def _say_how_it_ended(config: TrainConfig, history, args: argparse.Namespace) -> None:
+    from jaxmnist.loop import best_epoch, early_stop_due
+
+    best = best_epoch(history)
+    if best is None or config.seeds > 1:
+        return
+    if early_stop_due(history, config.early_stopping):
+        print(f"early stopping: the validation loss has not improved for {config.early_stopping} epochs")
+    saved = f"; its parameters are in {args.save_best}" if args.save_best is not None else ""
+    print(f"best epoch {best.epoch}: val loss {best.val_loss:.4f}, val accuracy {best.val_accuracy:.4f}{saved}")
+
+
+def _train(args: argparse.Namespace, argv: list[str], config: TrainConfig, mesh, writer: bool) -> int:
+    from jaxmnist.checkpoint import checkpoint_path, params_file_bytes, save_checkpoint
+    from jaxmnist.commands.reporting import OutputWriteError, write_output
+    from jaxmnist.commands.stopping import GracefulStop
+    from jaxmnist.config import check_against_data, steps_per_epoch
+    from jaxmnist.loop import early_stop_due, fit
+
+    if writer:
+        check_outputs(args)
+    train_data, test_data = load_splits(args)
+    num_train_images = len(train_data[0])
+    check_against_data(config, num_train_images)
+    restored = _resume(args, config, num_train_images) if args.resume else None
+    start = restored.progress if restored else None
+    print(describe(config, num_train_images, mesh), flush=True)
+    if start is not None and (start.epoch > config.epochs or early_stop_due(start.history, config.early_stopping)):
+        print(
+            f"nothing to do: the checkpoint has finished its run ({start.epoch - 1} epochs, --epochs {config.epochs})"
+        )
+        return 0
+
+    saved_at = restored.path if restored else None
+    try:
+        reporter = _reporter(args, config, steps_per_epoch(config, num_train_images), start)
+        progress = start
+        with GracefulStop() as stop, contextlib.closing(reporter):
+            steps = fit(
+                config,
+                train_data,
+                test_data,
+                start,
+                steps_per_call=args.checkpoint_every,
+                max_loss=args.max_loss,
+                mesh=mesh if mesh.size > 1 else None,
+            )
+            for progress in steps:
+                # The metrics record goes first: a kill before the checkpoint redoes the epoch, and the
+                # resumed run rewrites the file from the checkpoint's history.
+                reporter.update(progress)
+                checkpoint_now = progress.epoch_done or args.checkpoint_every or stop.signal_number
+                if writer and args.checkpoint_dir is not None and checkpoint_now:
+                    path = checkpoint_path(args.checkpoint_dir, progress.global_step)
+                    try:
+                        saved_at = save_checkpoint(args.checkpoint_dir, config, progress, keep=args.keep)
+                    except OSError as error:
+                        raise OutputWriteError(path, error) from error
+                if stop.signal_number is not None:
+                    reporter.draw_plot()
+                    return _report_stop(stop.signal_number, progress, saved_at, argv)
+        reporter.draw_plot()
+        if progress is not None:
+            _say_how_it_ended(config, progress.history, args)
+        if args.save is not None and progress is not None:
+            write_output(args.save, params_file_bytes(config, progress.state.params))
+            print(f"trained parameters written to {args.save}")
+    except OutputWriteError as error:
+        _report_write_failure(error, saved_at, argv, args.checkpoint_dir is not None)
+        return EXIT_WRITE_FAILED
+    return 0
+
+
+def _report_write_failure(error, saved_at: Path | None, argv: list[str], checkpointing: bool) -> None:
+    if saved_at is not None:
+        then = f"the last good checkpoint is {saved_at}; make room, then resume with: {resume_command(argv)}"
+    elif checkpointing:
+        then = f"no checkpoint was written yet; make room, then rerun: {resume_command(argv)}"
+    else:
+        then = "nothing was saved (no --checkpoint-dir)"
+    print(f"error: {error.strerror}; {then}", file=sys.stderr)
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues this run from its checkpoints."""
+    return shlex.join(["python", "-m", "jaxmnist.train", *argv, *([] if "--resume" in argv else ["--resume"])])
+
+
+def _report_stop(signal_number: int, progress, saved_at: Path | None, argv: list[str]) -> int:
+    name = signal.Signals(signal_number).name
+    where = f"epoch {progress.epoch}, step {progress.position}"
+    if saved_at is None:
+        print(f"{name}: stopped at {where}; nothing saved (no --checkpoint-dir)", file=sys.stderr)
+    else:
+        print(
+            f"{name}: stopped at {where}; checkpoint saved to {saved_at}\nresume with: {resume_command(argv)}",
+            file=sys.stderr,
+        )
+    return 128 + signal_number

@@ -80,3 +80,13 @@ def epoch_step_loop(state, images, labels, key, batch_size: int = 64, step_fn=No
 
     indices, mask = epoch_batch_indices(key, images.shape[0], batch_size)
     return step_loop(state, images, labels, indices, mask, step_fn=step_fn)
+
+
+def train_exit_code(data_dir: Path, *flags: str) -> int:
+    """The train command's exit code on the generated data in ``data_dir``, whether it returns or exits."""
+    from jaxmnist.commands.train import main
+
+    try:
+        return main(["--data-dir", str(data_dir), "--no-verify", "--no-compile-cache", *flags])
+    except SystemExit as exit_info:
+        return exit_info.code

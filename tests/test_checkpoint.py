@@ -19,7 +19,7 @@ from jaxmnist.commands.train import main
 from jaxmnist.config import TrainConfig
 from jaxmnist.loop import DivergenceError, fit
 
-from conftest import make_digits
+from conftest import make_digits, train_exit_code
 
 SMALL = TrainConfig(epochs=2, batch_size=32, learning_rate=0.05)
 
@@ -223,10 +223,6 @@ def test_bad_checkpoint_flags_are_one_line_exit_2(small_mnist_dir: Path, tmp_pat
     (tmp_path / "empty").mkdir()
     (tmp_path / "file").write_text("x")
     flags = [flag.format(empty=tmp_path / "empty", file=tmp_path / "file") for flag in flags]
-    try:
-        code = main(["--data-dir", str(small_mnist_dir), "--no-verify", "--no-compile-cache", *flags])
-    except SystemExit as exit_info:
-        code = exit_info.code
-    assert code == 2
+    assert train_exit_code(small_mnist_dir, *flags) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and fault in error

@@ -20,7 +20,7 @@ from jaxmnist.config import TrainConfig
 from jaxmnist.loop import DivergenceError, fit
 from jaxmnist.predict import predict_probabilities
 
-from conftest import make_digits
+from conftest import make_digits, train_exit_code
 
 
 @pytest.fixture(scope="module")
@@ -123,11 +123,7 @@ def test_seeds_spread_over_two_devices_give_the_one_device_losses(tmp_path: Path
     ],
 )
 def test_bad_seed_flags_are_one_line_exit_2(tiny_mnist_dir: Path, capsys, flags, message):
-    try:
-        code = main(["--data-dir", str(tiny_mnist_dir), "--no-verify", "--no-compile-cache", *flags])
-    except SystemExit as exit_info:
-        code = exit_info.code
-    assert code == 2
+    assert train_exit_code(tiny_mnist_dir, *flags) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and message in error
 

@@ -22,7 +22,7 @@ from jaxmnist.loop import EpochResult, best_epoch, early_stop_due, fit
 from jaxmnist.normalization import normalize
 from jaxmnist.train import create_train_state, evaluate, train_epoch, train_step
 
-from conftest import make_digits
+from conftest import make_digits, train_exit_code
 
 
 @pytest.fixture(autouse=True)
@@ -225,10 +225,6 @@ def test_tensorboard_without_tensorboardx_is_one_line_before_training(tiny_mnist
     ],
 )
 def test_bad_values_and_combinations_are_one_line_exit_2(tiny_mnist_dir: Path, capsys, flags, message):
-    try:
-        code = main(["--data-dir", str(tiny_mnist_dir), "--no-verify", "--no-compile-cache", *flags])
-    except SystemExit as exit_info:
-        code = exit_info.code
-    assert code == 2
+    assert train_exit_code(tiny_mnist_dir, *flags) == 2
     captured = capsys.readouterr()
     assert captured.err.count("\n") == 1 and message in captured.err and "Training loss" not in captured.out

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -90,3 +92,18 @@ def train_exit_code(data_dir: Path, *flags: str) -> int:
         return main(["--data-dir", str(data_dir), "--no-verify", "--no-compile-cache", *flags])
     except SystemExit as exit_info:
         return exit_info.code
+
+
+def wait_for(condition: Callable[[], bool], process: subprocess.Popen) -> bool:
+    """Waits until ``condition()`` holds (True) or ``process`` has ended without it (False).
+
+    No clock decides: the test waits for what the program reports (a file, a line), however fast or busy
+    the machine is; between looks it waits on the process itself, so an ended process ends the wait.
+    """
+    while not condition():
+        try:
+            process.wait(timeout=0.005)
+        except subprocess.TimeoutExpired:
+            continue
+        return condition()
+    return True

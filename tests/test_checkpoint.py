@@ -5,10 +5,10 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import chex
+import jax
 import numpy as np
 import pytest
 from flax import serialization
@@ -17,9 +17,10 @@ from jaxmnist import checkpoint, files
 from jaxmnist.checkpoint import CheckpointError, checkpoint_paths, restore_progress, resume, save_checkpoint
 from jaxmnist.commands.train import main
 from jaxmnist.config import TrainConfig
+from jaxmnist.data import write_mnist
 from jaxmnist.loop import DivergenceError, fit
 
-from conftest import make_digits, train_exit_code
+from conftest import make_digits, train_exit_code, wait_for
 
 SMALL = TrainConfig(epochs=2, batch_size=32, learning_rate=0.05)
 
@@ -44,6 +45,7 @@ def test_save_and_restore_round_trip_bit_exactly(small_data, tmp_path: Path):
     np.testing.assert_array_equal(restored.step_losses, progress.step_losses)
 
 
+@pytest.mark.slow
 def test_resuming_mid_epoch_gives_the_same_losses_and_bit_identical_params(small_data, tmp_path: Path):
     uninterrupted = list(fit(SMALL, *small_data, steps_per_call=3))
     for stop_after in (1, 2, 3):  # inside epoch 1, at its end, and inside epoch 2
@@ -147,7 +149,7 @@ def _train_command(small_mnist_dir: Path, checkpoint_dir: Path, *extra: str) -> 
         str(small_mnist_dir),
         "--no-verify",
         "--epochs",
-        "3",
+        "50",  # far more than it gets to: the signal comes first, however fast the machine
         "--batch-size",
         "4",
         "--loop",
@@ -160,15 +162,7 @@ def _train_command(small_mnist_dir: Path, checkpoint_dir: Path, *extra: str) -> 
     ]
 
 
-def _wait_for_checkpoints(folder: Path, count: int, process: subprocess.Popen, timeout: float = 120) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and process.poll() is None:
-        if len(checkpoint.checkpoint_paths(folder)) >= count and any(True for _ in folder.iterdir()):
-            return True
-        time.sleep(0.01)
-    return False
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("sent, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_stops_at_a_step_boundary_saves_and_says_how_to_resume(
     small_mnist_dir: Path, tmp_path: Path, sent, code
@@ -176,13 +170,46 @@ def test_signal_stops_at_a_step_boundary_saves_and_says_how_to_resume(
     process = subprocess.Popen(
         _train_command(small_mnist_dir, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    assert _wait_for_checkpoints(tmp_path, 1, process)
+    assert wait_for(lambda: bool(checkpoint_paths(tmp_path)), process)
     process.send_signal(sent)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == code, stderr
     assert "checkpoint saved to" in stderr and "--resume" in stderr
-    resumed = restore_progress(checkpoint_paths(tmp_path)[-1], TrainConfig(epochs=3, batch_size=4, loop="step"), 1200)
+    resumed = restore_progress(checkpoint_paths(tmp_path)[-1], TrainConfig(epochs=50, batch_size=4, loop="step"), 1200)
     assert resumed.position % 20 == 0 or resumed.position == 0
+
+
+@pytest.fixture(scope="module")
+def mnist_sized_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """30,000 training images: an epoch of 32 seeds is one long compiled call."""
+    folder = tmp_path_factory.mktemp("mnist-sized")
+    write_mnist(folder, "train", *make_digits(30_000, seed=5))
+    write_mnist(folder, "test", *make_digits(100, seed=6))
+    return folder
+
+
+@pytest.mark.slow
+def test_a_second_sigint_inside_a_long_compiled_call_exits_at_once_with_130_and_an_intact_checkpoint(
+    mnist_sized_dir: Path, tmp_path: Path
+):
+    command = [sys.executable, "-m", "jaxmnist.train", "--data-dir", str(mnist_sized_dir), "--no-verify",
+               "--seeds", "32", "--checkpoint-dir", str(tmp_path / "ck"), "--resume", "--no-compile-cache"]  # fmt: skip
+    assert subprocess.run([*command, "--epochs", "1"], capture_output=True).returncode == 0
+    (saved,) = checkpoint_paths(tmp_path / "ck")
+    saved_bytes = saved.read_bytes()
+    stdout_log, stderr_log = tmp_path / "stdout.log", tmp_path / "stderr.log"
+    with stdout_log.open("w") as stdout, stderr_log.open("w") as stderr:
+        process = subprocess.Popen([*command, "--epochs", "50"], stdout=stdout, stderr=stderr)
+    # The header comes once training is under way; then the worker compiles and runs epoch 2 of 32 seeds,
+    # one long compiled call, while the main thread answers signals.
+    assert wait_for(lambda: "32 seeds" in stdout_log.read_text(), process)
+    process.send_signal(signal.SIGINT)
+    assert wait_for(lambda: "stopping at the next step boundary" in stderr_log.read_text(), process)
+    process.send_signal(signal.SIGINT)
+    assert process.wait() == 130
+    said = stderr_log.read_text()
+    assert "SIGINT again: exiting now" in said and "stopped at" not in said, said
+    assert checkpoint_paths(tmp_path / "ck") == [saved] and saved.read_bytes() == saved_bytes
 
 
 def test_cli_divergence_is_one_line_and_keeps_the_last_finite_checkpoint(small_mnist_dir: Path, tmp_path: Path, capsys):
@@ -213,7 +240,7 @@ def test_cli_divergence_is_one_line_and_keeps_the_last_finite_checkpoint(small_m
     "flags, fault",
     [
         (["--resume"], "needs --checkpoint-dir"),
-        (["--checkpoint-dir", "{file}/sub"], "cannot write there"),
+        (["--checkpoint-dir", "{file}/sub"], "file is a file, not a folder"),
         (["--checkpoint-every", "0"], "--checkpoint-every"),
         (["--keep", "-1"], "--keep"),
         (["--max-loss", "0"], "--max-loss"),
@@ -226,3 +253,17 @@ def test_bad_checkpoint_flags_are_one_line_exit_2(small_mnist_dir: Path, tmp_pat
     assert train_exit_code(small_mnist_dir, *flags) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and fault in error
+
+
+def test_every_checkpoint_function_takes_a_str_path_as_well(tmp_path: Path):
+    config = TrainConfig(epochs=1, batch_size=32)
+    progress = list(fit(config, make_digits(64), make_digits(10)))[-1]
+    saved = save_checkpoint(str(tmp_path / "ck"), config, progress)
+    assert checkpoint_paths(str(tmp_path / "ck")) == [saved]
+    restored = restore_progress(str(saved), config, 64)
+    chex.assert_trees_all_equal(restored.state.params, progress.state.params)
+    assert resume(str(tmp_path / "ck"), config, 64)[0].path == saved
+    params_file = checkpoint.save_params(str(tmp_path / "params.msgpack"), config, progress.state.params)
+    loaded_config, params = checkpoint.load_params(str(params_file))
+    assert loaded_config == config
+    chex.assert_trees_all_equal(params, jax.device_get(progress.state.params))

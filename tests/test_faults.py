@@ -13,13 +13,16 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
 import pytest
 
 from jaxmnist import checkpoint
+
+from conftest import wait_for
+
+pytestmark = pytest.mark.slow  # whole runs killed and resumed in subprocesses
 
 EXIT_WRITE_FAILED = 74
 
@@ -50,26 +53,47 @@ def uninterrupted(small_mnist_dir: Path, tmp_path_factory: pytest.TempPathFactor
     return _losses(folder / "m.jsonl"), _final_params(folder / "ck")
 
 
-def test_ten_kills_at_random_instants_then_the_same_command_ends_like_the_uninterrupted_run(
+def _newest_step(folder: Path) -> int:
+    paths = checkpoint.checkpoint_paths(folder)
+    return int(paths[-1].stem.split("-")[1]) if paths else 0
+
+
+def _kill_when(command: list[str], log: Path, reported) -> bool:
+    """Starts ``command``, waits until ``reported(log)`` holds, then SIGKILLs it; whether the kill landed."""
+    with log.open("w") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+    wait_for(lambda: reported(log), process)
+    process.send_signal(signal.SIGKILL)
+    return process.wait() == -signal.SIGKILL
+
+
+def test_ten_kills_at_moments_the_run_reports_then_the_same_command_ends_like_the_uninterrupted_run(
     small_mnist_dir: Path, uninterrupted, tmp_path: Path
 ):
-    command = _command(small_mnist_dir, tmp_path / "ck", tmp_path / "m.jsonl")
+    """Kills at random points of the run, each chosen by what the run has reported (never by a clock):
+    at once after starting, after its first line (start-up, compilation), while a checkpoint is being
+    written, or once the newest checkpoint has passed a random step."""
+    folder = tmp_path / "ck"
+    command = _command(small_mnist_dir, folder, tmp_path / "m.jsonl")
+    total_steps = 3 * 75  # 3 epochs of 1,200 images in batches of 16
     rng = random.Random(2026)
-    # The first kills land in the first second (start-up, compilation); the later ones anywhere.
-    instants = [rng.uniform(0.05, 1.0) for _ in range(3)] + [rng.uniform(0.5, 6.0) for _ in range(7)]
-    killed = 0
-    for instant in instants:
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(instant)
-        process.send_signal(signal.SIGKILL)
-        killed += process.wait(timeout=120) == -signal.SIGKILL
-    assert killed >= 8, "the runs ended before they could be killed"
-    finish = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    # Random steps, each far enough from the end that the run cannot finish between a look and the kill.
+    targets = sorted(rng.sample(range(5, total_steps - 40), 6))
+    moments = [
+        lambda log: True,  # at once: during start-up
+        lambda log: log.stat().st_size > 0,  # its first line: the data is read, compilation comes next
+        lambda log: log.stat().st_size > 0,
+        lambda log: any(folder.glob(".ckpt-*.tmp")) or _newest_step(folder) >= targets[0],  # mid-write, if seen
+        *[lambda log, step=step: _newest_step(folder) >= step for step in targets],
+    ]
+    killed = [_kill_when(command, tmp_path / f"run-{index}.log", moment) for index, moment in enumerate(moments)]
+    assert all(killed), f"a run ended before its kill: {killed}"
+    finish = subprocess.run(command, capture_output=True, text=True)
     assert finish.returncode == 0, finish.stderr
     losses, params = uninterrupted
     assert _losses(tmp_path / "m.jsonl") == losses  # one record per epoch, none missing or repeated
-    assert _final_params(tmp_path / "ck") == params
-    assert not list((tmp_path / "ck").glob(".*.tmp"))
+    assert _final_params(folder) == params
+    assert not list(folder.glob(".*.tmp"))
 
 
 def test_a_truncated_newest_checkpoint_is_skipped_naming_it(small_mnist_dir: Path, uninterrupted, tmp_path: Path):

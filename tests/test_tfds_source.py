@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import chex
@@ -25,16 +24,14 @@ def test_tfds_source_returns_the_idx_contract(split: str, count: int):
     assert labels.min() >= 0 and labels.max() <= 9
 
 
-def test_unprepared_tfds_fails_in_seconds_without_trying_to_download(tmp_path: Path, monkeypatch):
+def test_unprepared_tfds_fails_without_trying_to_download_or_prepare(tmp_path: Path, monkeypatch):
     def no_download(*args, **kwargs):
         raise AssertionError("TFDS tried to download or prepare MNIST")
 
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", no_download)
-    started = time.perf_counter()
     with pytest.raises(DataError, match="tfds build mnist") as error:
         load_mnist("train", tmp_path, source="tfds")
     assert "tried to download" not in str(error.value)
-    assert time.perf_counter() - started < 10
 
 
 def test_cli_trains_from_tfds(capsys: pytest.CaptureFixture):

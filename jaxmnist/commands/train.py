@@ -210,13 +210,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as error:
         parser.error(in_flag_terms(str(error), flags))
     from jaxmnist.checkpoint import CheckpointError
+    from jaxmnist.commands.stopping import GracefulStop, run_in_worker
     from jaxmnist.commands.training import OutputError, run
     from jaxmnist.data import DataError
     from jaxmnist.loop import DivergenceError
     from jaxmnist.parallel import DeviceError
 
     try:
-        return run(args, argv, config)
+        with GracefulStop() as stop:
+            return run_in_worker(run, args, argv, config, stop)
     except (DataError, CheckpointError, OutputError, DivergenceError, DeviceError, SettingsError) as error:
         report_error(error, flags, args.debug)
         return EXIT_FAILURE if isinstance(error, DivergenceError) else EXIT_BAD_INPUT

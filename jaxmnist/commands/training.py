@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import io
+import os
 import shlex
 import signal
 import sys
@@ -12,7 +14,9 @@ import tempfile
 from pathlib import Path
 
 from jaxmnist.commands.kit import EXIT_WRITE_FAILED, configure_jax, load_splits
+from jaxmnist.commands.stopping import GracefulStop
 from jaxmnist.config import TrainConfig
+from jaxmnist.files import reason
 
 OPTIMIZER_NAMES = {"sgd": "SGD", "momentum": "SGD with momentum", "nesterov": "SGD with Nesterov momentum",
                    "adam": "Adam", "adamw": "AdamW"}  # fmt: skip
@@ -23,14 +27,36 @@ class OutputError(ValueError):
     """An output path cannot be written; found before training starts."""
 
 
+def _path_problem(folder: Path) -> str | None:
+    """What stands in the way of creating ``folder``: a file among its parents, or a parent that is read-only."""
+    for parent in (folder, *folder.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                return f"{parent} is a file, not a folder"
+            if not os.access(parent, os.W_OK):
+                return f"{parent} does not allow writing (read-only or not yours)"
+            return None
+    return None
+
+
 def check_writable_folder(folder: Path, flag: str) -> None:
-    """Creates ``folder`` if needed and proves a file can be written there."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as error:
-        raise OutputError(f"{flag} {folder}: cannot write there ({error.strerror or error})") from error
+    """Creates ``folder`` (and missing parents) if needed and proves a file can be written there."""
+    problem = _path_problem(folder)
+    if problem is None:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as error:
+            problem = f"cannot create or write there: {reason(error)}"
+            if error.errno == errno.ENOENT:  # e.g. under /proc: a folder that refuses new entries
+                problem = f"cannot create folders under {_nearest_existing(folder)}"
+    if problem is not None:
+        raise OutputError(f"{flag} {folder}: {problem}")
+
+
+def _nearest_existing(folder: Path) -> Path:
+    return next(parent for parent in (folder, *folder.parents) if parent.exists())
 
 
 def check_outputs(args: argparse.Namespace) -> None:
@@ -67,12 +93,13 @@ def describe(config: TrainConfig, num_images: int, mesh) -> str:
     schedule = "" if config.schedule == "constant" else f" ({config.schedule} schedule)"
     held_out = f" ({config.val_split} held out for validation)" if config.val_split else ""
     dropout = f", dropout {config.dropout}" if config.dropout else ""
+    epochs = f"{config.epochs} epoch{'s' if config.epochs != 1 else ''}"
     if config.seeds > 1:
         where += f", {config.seeds} seeds ({config.seed}..{config.seed + config.seeds - 1}) in one program"
     return (
         f"MLP {layers} ({config.activation}, {config.weight_init} init{dropout}), {config.loss} loss, "
         f"{OPTIMIZER_NAMES[config.optimizer]} lr {config.learning_rate}{schedule}, batch {config.batch_size}, "
-        f"{config.epochs} epochs, {num_images - config.val_split} training images{held_out}, {config.dtype} on {where}"
+        f"{epochs}, {num_images - config.val_split} training images{held_out}, {config.dtype} on {where}"
     )
 
 
@@ -87,18 +114,18 @@ def start_devices(args: argparse.Namespace):
     return make_mesh(args.devices, args.platform)
 
 
-def run(args: argparse.Namespace, argv: list[str], config: TrainConfig) -> int:
-    """Trains as the flags say; returns the exit code (130/143 when stopped by a signal)."""
+def run(args: argparse.Namespace, argv: list[str], config: TrainConfig, stop: GracefulStop) -> int:
+    """Trains as the flags say; returns the exit code (130/143 when ``stop`` caught a signal)."""
     import jax
 
     configure_jax(args.dtype == "float64", not args.no_compile_cache)
     mesh = start_devices(args)
     if jax.process_index() == 0:
-        return _train(args, argv, config, mesh, writer=True)
+        return _train(args, argv, config, mesh, stop, writer=True)
     # Several hosts: process 0 prints and writes every file; the others train in step, silently.
     args = argparse.Namespace(**{**vars(args), "quiet": True, "metrics_out": None, "plot": None, "save": None})
     with contextlib.redirect_stdout(io.StringIO()):
-        return _train(args, argv, config, mesh, writer=False)
+        return _train(args, argv, config, mesh, stop, writer=False)
 
 
 def _resume(args: argparse.Namespace, config: TrainConfig, num_train_images: int):
@@ -141,10 +168,11 @@ def _say_how_it_ended(config: TrainConfig, history, args: argparse.Namespace) ->
     print(f"best epoch {best.epoch}: val loss {best.val_loss:.4f}, val accuracy {best.val_accuracy:.4f}{saved}")
 
 
-def _train(args: argparse.Namespace, argv: list[str], config: TrainConfig, mesh, writer: bool) -> int:
+def _train(
+    args: argparse.Namespace, argv: list[str], config: TrainConfig, mesh, stop: GracefulStop, writer: bool
+) -> int:
     from jaxmnist.checkpoint import checkpoint_path, params_file_bytes, save_checkpoint
     from jaxmnist.commands.reporting import OutputWriteError, write_output
-    from jaxmnist.commands.stopping import GracefulStop
     from jaxmnist.config import check_against_data, steps_per_epoch
     from jaxmnist.loop import early_stop_due, fit
 
@@ -155,6 +183,7 @@ def _train(args: argparse.Namespace, argv: list[str], config: TrainConfig, mesh,
     check_against_data(config, num_train_images)
     restored = _resume(args, config, num_train_images) if args.resume else None
     start = restored.progress if restored else None
+    stop.arm()  # from the header line on, a first signal stops at a step boundary and saves
     print(describe(config, num_train_images, mesh), flush=True)
     if start is not None and (start.epoch > config.epochs or early_stop_due(start.history, config.early_stopping)):
         print(
@@ -166,7 +195,7 @@ def _train(args: argparse.Namespace, argv: list[str], config: TrainConfig, mesh,
     try:
         reporter = _reporter(args, config, steps_per_epoch(config, num_train_images), start)
         progress = start
-        with GracefulStop() as stop, contextlib.closing(reporter):
+        with contextlib.closing(reporter):
             steps = fit(
                 config,
                 train_data,

@@ -21,7 +21,7 @@ import numpy as np
 from flax import serialization
 
 from jaxmnist.config import TrainConfig, config_from_dict, config_to_dict, initial_state, run_keys
-from jaxmnist.files import remove_temporary_files, write_atomically
+from jaxmnist.files import PathArg, remove_temporary_files, write_atomically
 from jaxmnist.loop import EpochResult, Progress
 
 FORMAT = "jaxmnist-checkpoint"
@@ -54,25 +54,27 @@ def config_differences(saved: TrainConfig, current: TrainConfig) -> list[tuple[s
     ]
 
 
-def checkpoint_paths(directory: Path) -> list[Path]:
+def checkpoint_paths(directory: PathArg) -> list[Path]:
     """The checkpoint files in ``directory``, oldest (fewest steps) first."""
+    directory = Path(directory)
     if not directory.is_dir():
         return []
     found = [(int(match.group(1)), path) for path in directory.iterdir() if (match := _NAME.match(path.name))]
     return [path for _, path in sorted(found)]
 
 
-def checkpoint_path(directory: Path, step: int) -> Path:
+def checkpoint_path(directory: PathArg, step: int) -> Path:
     """Where the checkpoint taken after ``step`` steps goes."""
-    return directory / f"ckpt-{step:08d}.msgpack"
+    return Path(directory) / f"ckpt-{step:08d}.msgpack"
 
 
-def save_checkpoint(directory: Path, config: TrainConfig, progress: Progress, keep: int = 3) -> Path:
+def save_checkpoint(directory: PathArg, config: TrainConfig, progress: Progress, keep: int = 3) -> Path:
     """Writes ``progress``, the results of its finished epochs included, as the newest checkpoint.
 
     Only the ``keep`` newest checkpoints stay. The write is atomic: a failure (e.g. a full disk) raises
     ``OSError`` and leaves the earlier checkpoints as they were, with no temporary file behind.
     """
+    directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     progress = progress.continuation()
     payload = {
@@ -95,8 +97,9 @@ def save_checkpoint(directory: Path, config: TrainConfig, progress: Progress, ke
     return path
 
 
-def read_checkpoint(path: Path) -> tuple[TrainConfig, dict[str, Any]]:
+def read_checkpoint(path: PathArg) -> tuple[TrainConfig, dict[str, Any]]:
     """The configuration and raw payload of one checkpoint file; ``CheckpointError`` if damaged."""
+    path = Path(path)
     try:
         payload = serialization.msgpack_restore(path.read_bytes())
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
@@ -109,7 +112,7 @@ def read_checkpoint(path: Path) -> tuple[TrainConfig, dict[str, Any]]:
     return config, payload
 
 
-def restore_progress(path: Path, config: TrainConfig, num_train_images: int) -> Progress:
+def restore_progress(path: PathArg, config: TrainConfig, num_train_images: int) -> Progress:
     """The progress saved in ``path``, checked against ``config`` (settings that change the math must match).
 
     ``num_train_images`` is the training set's size before the held-out images (schedules span the run).
@@ -137,7 +140,7 @@ def restore_progress(path: Path, config: TrainConfig, num_train_images: int) -> 
     return progress
 
 
-def resume(directory: Path, config: TrainConfig, num_train_images: int) -> tuple[Restored | None, list[str]]:
+def resume(directory: PathArg, config: TrainConfig, num_train_images: int) -> tuple[Restored | None, list[str]]:
     """The newest intact checkpoint in ``directory``, and a line for each newer one that is damaged.
 
     Stray temporary files of interrupted writes are removed. Returns ``(None, [])`` when the folder holds
@@ -146,6 +149,7 @@ def resume(directory: Path, config: TrainConfig, num_train_images: int) -> tuple
     Raises:
         CheckpointError: every checkpoint is damaged, or one is of another configuration.
     """
+    directory = Path(directory)
     remove_temporary_files(directory, "ckpt-")
     damaged = []
     for path in reversed(checkpoint_paths(directory)):
@@ -174,14 +178,37 @@ def params_file_bytes(config: TrainConfig, params: Any) -> bytes:
     return serialization.msgpack_serialize(jax.device_get(payload))
 
 
-def save_params(path: Path, config: TrainConfig, params: Any) -> Path:
-    """Writes ``params_file_bytes`` to ``path`` atomically."""
+def save_params(path: PathArg, config: TrainConfig, params: Any) -> Path:
+    """Writes ``params_file_bytes`` to ``path`` atomically and returns it as a ``Path``."""
+    path = Path(path)
     write_atomically(path, params_file_bytes(config, params))
     return path
 
 
-def load_params(path: Path) -> tuple[TrainConfig, Any]:
-    """The configuration and parameters written by ``save_params``; ``CheckpointError`` if not such a file."""
+def load_params(path: PathArg) -> tuple[TrainConfig, Any]:
+    """Reads a parameters file written by ``save_params`` (``python -m jaxmnist.train --save FILE``).
+
+    Args:
+        path: the file, as a ``str`` or any path-like object.
+
+    Returns:
+        ``(config, params)``: the ``TrainConfig`` of the run that wrote it, and its parameters as nested
+        dicts of numpy arrays (``{"Dense_0": {"kernel": ..., "bias": ...}, ...}``), with a leading seed
+        axis when ``config.seeds`` > 1.
+
+    Raises:
+        CheckpointError: the file cannot be read, or is not such a file.
+
+    Example:
+        >>> import tempfile, jax
+        >>> from jaxmnist import create_train_state
+        >>> path = tempfile.mkdtemp() + "/params.msgpack"
+        >>> _ = save_params(path, TrainConfig(), create_train_state(jax.random.key(0)).params)
+        >>> config, params = load_params(path)
+        >>> config.hidden_sizes, params["Dense_0"]["kernel"].shape
+        ((128, 64), (784, 128))
+    """
+    path = Path(path)
     try:
         payload = serialization.msgpack_restore(path.read_bytes())
         if not isinstance(payload, dict) or payload.get("format") != PARAMS_FORMAT:

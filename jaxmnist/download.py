@@ -80,9 +80,15 @@ def _fetch_once(url: str, destination: Path, expected_sha256: str, timeout: floa
 
 
 def download_file(
-    url: str, destination: Path, expected_sha256: str, timeout: float = 10.0, retries: int = 2, progress: bool = True
+    url: str,
+    destination: str | os.PathLike,
+    expected_sha256: str,
+    timeout: float = 10.0,
+    retries: int = 2,
+    progress: bool = True,
 ) -> Path:
     """Fetches ``url`` to ``destination`` (atomically, after the checksum matches); retries ``retries`` times."""
+    destination = Path(destination)
     for attempt in range(retries + 1):
         try:
             _fetch_once(url, destination, expected_sha256, timeout, progress)
@@ -100,13 +106,14 @@ def download_file(
 
 
 def download_mnist(
-    folder: Path, names: Iterable[str] = tuple(MIRROR_SHA256), base_url: str | None = None, **options
+    folder: str | os.PathLike, names: Iterable[str] = tuple(MIRROR_SHA256), base_url: str | None = None, **options
 ) -> list[Path]:
     """Downloads the named MNIST gz files (default: all four) into ``folder``, skipping those present.
 
     The mirror is ``base_url``, else ``$JAXMNIST_MIRROR``, else the canonical one TFDS uses.
     """
     base_url = base_url or os.environ.get(MIRROR_ENV) or MIRROR_URL
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for name in names:

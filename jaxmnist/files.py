@@ -8,6 +8,9 @@ from pathlib import Path
 
 TEMPORARY_SUFFIX = ".tmp"
 
+# What every path argument of jaxmnist accepts.
+PathArg = str | os.PathLike
+
 
 def _current_umask() -> int:
     umask = os.umask(0o022)
@@ -15,7 +18,7 @@ def _current_umask() -> int:
     return umask
 
 
-def write_atomically(path: Path, content: bytes) -> None:
+def write_atomically(path: PathArg, content: bytes) -> None:
     """Temporary file in the same folder, fsync, rename, fsync the folder: all or nothing.
 
     Args:
@@ -32,6 +35,7 @@ def write_atomically(path: Path, content: bytes) -> None:
         >>> path.read_bytes()
         b'hello'
     """
+    path = Path(path)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
     try:
         os.chmod(temporary, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the usual permissions
@@ -49,8 +53,9 @@ def write_atomically(path: Path, content: bytes) -> None:
         os.close(folder)
 
 
-def remove_temporary_files(folder: Path, name_prefix: str) -> list[Path]:
+def remove_temporary_files(folder: PathArg, name_prefix: str) -> list[Path]:
     """Deletes what interrupted ``write_atomically`` calls left in ``folder`` for files named ``name_prefix*``."""
+    folder = Path(folder)
     leftovers = sorted(folder.glob(f".{name_prefix}*{TEMPORARY_SUFFIX}")) if folder.is_dir() else []
     for leftover in leftovers:
         leftover.unlink(missing_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ def _in_notebook() -> bool:
 def plot_losses(
     train_losses: Sequence[float],
     test_losses: Sequence[float],
-    path: str | Path | None = None,
+    path: str | os.PathLike | None = None,
     first_epoch: int = 1,
     val_losses: Sequence[float] | None = None,
 ) -> Any:
@@ -51,7 +52,7 @@ def plot_losses(
     return _finish(figure, axes, epochs, "jaxmnist: the lesson's MLP on MNIST", path)
 
 
-def plot_loss_band(history: Sequence[Any], path: str | Path | None = None) -> Any:
+def plot_loss_band(history: Sequence[Any], path: str | os.PathLike | None = None) -> Any:
     """The training and test loss of several seeds per epoch: their mean, and the [min, max] band shaded.
 
     ``history`` holds ``EpochResult``s (one per seed per epoch). Returns the figure."""
@@ -65,7 +66,7 @@ def plot_loss_band(history: Sequence[Any], path: str | Path | None = None) -> An
     return _finish(figure, axes, epochs, "jaxmnist: the lesson's MLP on MNIST, many seeds", path)
 
 
-def _finish(figure: Any, axes: Any, epochs: Sequence[int], title: str, path: str | Path | None) -> Any:
+def _finish(figure: Any, axes: Any, epochs: Sequence[int], title: str, path: str | os.PathLike | None) -> Any:
     """Labels a loss-per-epoch figure and, given ``path``, writes it and releases it."""
     axes.set_xlabel("epoch")
     axes.set_ylabel("loss")
@@ -79,9 +80,9 @@ def _finish(figure: Any, axes: Any, epochs: Sequence[int], title: str, path: str
     return figure
 
 
-def save_figure(figure: Any, path: Path) -> None:
+def save_figure(figure: Any, path: str | os.PathLike) -> None:
     """Renders ``figure`` in the format of ``path``'s suffix and writes it atomically (``OSError`` on failure)."""
-    rendered = io.BytesIO()
+    path, rendered = Path(path), io.BytesIO()
     figure.savefig(rendered, format=path.suffix.lstrip(".").lower() or "png", dpi=100)
     write_atomically(path, rendered.getvalue())
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import subprocess
@@ -26,6 +27,7 @@ def _run_module(*args: str, env: dict[str, str] | None = None) -> subprocess.Com
     )
 
 
+@pytest.mark.slow
 def test_module_trains_end_to_end_on_a_small_idx_data_set(tiny_mnist_dir: Path, tmp_path: Path):
     result = _run_module(
         "--epochs",
@@ -49,6 +51,7 @@ def test_module_trains_end_to_end_on_a_small_idx_data_set(tiny_mnist_dir: Path, 
     assert any((tmp_path / "cache" / "jaxmnist" / "xla-cache").iterdir()), "the compiled epoch was not cached"
 
 
+@pytest.mark.slow
 def test_step_loop_prints_the_same_losses_as_the_scan(tiny_mnist_dir: Path, capsys: pytest.CaptureFixture):
     common = [
         "--epochs",
@@ -117,6 +120,29 @@ def test_help_explains_every_flag(capsys: pytest.CaptureFixture):
         assert flag in text
 
 
+@pytest.mark.parametrize("command", ["train", "predict", "backprop"])
+def test_every_flag_of_every_command_has_help(command: str):
+    parser = importlib.import_module(f"jaxmnist.commands.{command}").build_parser()
+    unexplained = [action.option_strings or action.dest for action in parser._actions if not action.help]
+    assert unexplained == []
+
+
+def test_a_mistyped_flag_gets_the_closest_real_one_with_the_one_error_prefix(capsys: pytest.CaptureFixture):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--epcohs", "3"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: unrecognized arguments: --epcohs 3; did you mean --epochs?")
+    assert error.count("\n") == 1
+
+
+def test_one_epoch_is_said_in_the_singular(tiny_mnist_dir: Path, capsys: pytest.CaptureFixture):
+    assert main(["--data-dir", str(tiny_mnist_dir), "--no-verify", "--no-compile-cache", "--epochs", "1"]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert ", 1 epoch, " in header, header
+
+
+@pytest.mark.slow
 def test_readme_quick_start_on_real_mnist_lands_in_the_pytorch_band(real_mnist_dir: Path):
     result = _run_module(env={"JAXMNIST_DATA_DIR": str(real_mnist_dir)})
     assert result.returncode == 0, result.stderr
@@ -128,6 +154,7 @@ def test_readme_quick_start_on_real_mnist_lands_in_the_pytorch_band(real_mnist_d
     assert final_accuracy >= PYTORCH_TEST_ACCURACY[0]
 
 
+@pytest.mark.slow
 def test_no_compile_cache_leaves_the_cache_folder_alone(tiny_mnist_dir: Path, tmp_path: Path):
     result = _run_module(
         "--epochs",

@@ -40,6 +40,7 @@ def _data_dir(flags: list[str]) -> Path:
     return Path(flags[flags.index("--data-dir") + 1])
 
 
+@pytest.mark.slow
 def test_metrics_plot_and_save_then_predict_a_test_digit(data_flags, tmp_path: Path, capsys):
     metrics, plot, params = tmp_path / "metrics.jsonl", tmp_path / "loss.png", tmp_path / "params.msgpack"
     assert (
@@ -84,6 +85,7 @@ def test_metrics_plot_and_save_then_predict_a_test_digit(data_flags, tmp_path: P
         assert float(top[0][1]) >= float(top[1][1]) >= float(top[2][1])
 
 
+@pytest.mark.slow
 def test_resume_appends_to_the_metrics_file(data_flags, tmp_path: Path):
     common = [
         *data_flags,
@@ -124,6 +126,7 @@ def _run_in_terminal(args: list[str], env: dict[str, str]) -> str:
     return b"".join(chunks).decode(errors="replace")
 
 
+@pytest.mark.slow
 def test_progress_bar_only_on_a_terminal_and_not_with_quiet(tiny_mnist_dir: Path, tmp_path: Path):
     args = [
         "--data-dir",
@@ -151,8 +154,9 @@ def test_progress_bar_only_on_a_terminal_and_not_with_quiet(tiny_mnist_dir: Path
     [
         (["--plot", "{tmp}"], "is a folder"),
         (["--plot", "{tmp}/loss.txt"], ".png"),
-        (["--save", "{tmp}/file/params"], "cannot write"),
-        (["--metrics-out", "{tmp}/file/m.jsonl"], "cannot write"),
+        (["--save", "{tmp}/file/params"], "{tmp}/file is a file, not a folder"),
+        (["--metrics-out", "{tmp}/file/deeper/m.jsonl"], "{tmp}/file is a file, not a folder"),
+        (["--plot", "/proc/jaxmnist-test/loss.png"], "cannot create folders under /proc"),
     ],
 )
 def test_unwritable_outputs_are_refused_before_training(tiny_mnist_dir: Path, tmp_path: Path, capsys, flags, fault):
@@ -160,7 +164,15 @@ def test_unwritable_outputs_are_refused_before_training(tiny_mnist_dir: Path, tm
     flags = [flag.format(tmp=tmp_path) for flag in flags]
     assert main(["--data-dir", str(tiny_mnist_dir), "--no-verify", "--no-compile-cache", *flags]) == 2
     captured = capsys.readouterr()
-    assert "Training loss" not in captured.out and captured.err.count("\n") == 1 and fault in captured.err
+    assert "Training loss" not in captured.out and captured.err.count("\n") == 1
+    assert fault.format(tmp=tmp_path) in captured.err, captured.err
+
+
+def test_missing_output_folders_are_created(tiny_mnist_dir: Path, tmp_path: Path):
+    metrics = tmp_path / "new" / "deeper" / "m.jsonl"
+    assert main(["--data-dir", str(tiny_mnist_dir), "--no-verify", "--no-compile-cache", "--epochs", "1",
+                 "--metrics-out", str(metrics)]) == 0  # fmt: skip
+    assert len(metrics.read_text().splitlines()) == 1
 
 
 def test_predict_errors_are_one_line_exit_2(tmp_path: Path, capsys):
@@ -175,6 +187,7 @@ def test_predict_errors_are_one_line_exit_2(tmp_path: Path, capsys):
     assert "notes.txt: cannot read as an image" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_readme_python_examples_run_as_written(real_mnist_dir: Path):
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
     runnable = [block for block in blocks if "load_mnist(" in block]

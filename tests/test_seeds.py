@@ -13,8 +13,10 @@ import chex
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
-from jaxmnist.checkpoint import restore_progress, save_checkpoint
+from jaxmnist.checkpoint import restore_progress, save_checkpoint, save_params
+from jaxmnist.commands import predict
 from jaxmnist.commands.train import main
 from jaxmnist.config import TrainConfig
 from jaxmnist.loop import DivergenceError, fit
@@ -32,6 +34,7 @@ def _alone(config: TrainConfig, seed: int, data) -> list:
     return list(fit(TrainConfig(**{**config.__dict__, "seed": seed, "seeds": 1}), *data))
 
 
+@pytest.mark.slow
 def test_each_seed_is_its_own_run_to_1e12_in_float64(small_data):
     with jax.enable_x64(True):
         config = TrainConfig(epochs=2, batch_size=32, seed=5, seeds=3, dtype="float64")
@@ -45,6 +48,7 @@ def test_each_seed_is_its_own_run_to_1e12_in_float64(small_data):
                 assert abs(ours.test_loss - result.test_loss) <= 1e-12 * result.test_loss
 
 
+@pytest.mark.slow
 def test_each_seed_matches_its_single_run_over_the_first_100_steps_in_float32():
     data = make_digits(6400, seed=10), make_digits(64, seed=11)
     config = TrainConfig(epochs=1, seeds=2)
@@ -55,12 +59,14 @@ def test_each_seed_matches_its_single_run_over_the_first_100_steps_in_float32():
         assert together.step_losses.shape == (2, 100) and relative.max() <= 1e-5
 
 
+@pytest.mark.slow
 def test_the_step_loop_gives_the_scan_s_losses_for_several_seeds(small_data):
     scan = list(fit(TrainConfig(epochs=1, batch_size=32, seeds=2), *small_data))[-1]
     step = list(fit(TrainConfig(epochs=1, batch_size=32, seeds=2, loop="step"), *small_data))[-1]
     np.testing.assert_allclose(step.step_losses, scan.step_losses, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_resuming_several_seeds_is_bit_exact(small_data, tmp_path: Path):
     config = TrainConfig(epochs=2, batch_size=32, seeds=3, dropout=0.2)
     whole = list(fit(config, *small_data, steps_per_call=3))
@@ -73,12 +79,14 @@ def test_resuming_several_seeds_is_bit_exact(small_data, tmp_path: Path):
     ]
 
 
+@pytest.mark.slow
 def test_divergence_names_the_seed(small_data):
     with pytest.raises(DivergenceError, match=r"loss of seed \d became") as error:
         list(fit(TrainConfig(epochs=1, batch_size=32, seeds=2, learning_rate=1e4), *small_data))
     assert error.value.seed in (0, 1)
 
 
+@pytest.mark.slow
 def test_an_ensemble_predicts_the_mean_of_its_seeds(small_data):
     config = TrainConfig(epochs=1, batch_size=32, seeds=2)
     params = list(fit(config, *small_data))[-1].state.params
@@ -90,6 +98,17 @@ def test_an_ensemble_predicts_the_mean_of_its_seeds(small_data):
     np.testing.assert_allclose(predict_probabilities(config, params, images, seed=1), each[1], rtol=1e-6)
 
 
+def test_predict_says_when_it_answers_for_an_ensemble_or_one_of_its_seeds(small_data, tmp_path: Path, capsys):
+    config = TrainConfig(epochs=1, batch_size=32, seeds=3, seed=4)
+    params_file = save_params(str(tmp_path / "p.msgpack"), config, list(fit(config, *small_data))[-1].state.params)
+    Image.fromarray(small_data[1][0][0]).save(tmp_path / "digit.png")
+    assert predict.main(["--params", str(params_file), str(tmp_path / "digit.png")]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "ensemble: mean probability of 3 seeds (4..6)"
+    assert predict.main(["--params", str(params_file), "--seed", "5", str(tmp_path / "digit.png")]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "seed 5 of 3 seeds (4..6)"
+
+
+@pytest.mark.slow
 def test_seeds_spread_over_two_devices_give_the_one_device_losses(tmp_path: Path):
     code = textwrap.dedent(
         """
@@ -128,6 +147,7 @@ def test_bad_seed_flags_are_one_line_exit_2(tiny_mnist_dir: Path, capsys, flags,
     assert error.count("\n") == 1 and message in error
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_another_seed_count_is_refused(tiny_mnist_dir: Path, tmp_path: Path, capsys):
     common = ["--data-dir", str(tiny_mnist_dir), "--no-verify", "--no-compile-cache", "--epochs", "1",
               "--checkpoint-dir", str(tmp_path)]  # fmt: skip

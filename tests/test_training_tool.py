@@ -27,9 +27,13 @@ from conftest import make_digits, train_exit_code
 
 @pytest.fixture(autouse=True)
 def standard_promotion():
-    """optax's adam mixes a Python float with its int32 step count, which the suite's strict promotion forbids."""
-    with jax.numpy_dtype_promotion("standard"):
-        yield
+    """optax's adam mixes a Python float with its int32 step count, which the suite's strict promotion forbids.
+
+    Set process-wide, not as a context: the train command trains in a worker thread, which a thread-local
+    context would not reach."""
+    jax.config.update("jax_numpy_dtype_promotion", "standard")
+    yield
+    jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +107,7 @@ def test_validation_images_are_the_same_for_a_seed_and_never_trained_on():
     assert index(other_seed) != index(held)
 
 
+@pytest.mark.slow
 def test_the_held_out_split_leaves_the_init_and_shuffle_keys_alone(digits):
     (images, labels), test = digits
     plain = next(iter(fit(TrainConfig(epochs=1, batch_size=32), (images, labels), test)))
@@ -136,6 +141,7 @@ def test_fit_stops_at_the_first_epoch_the_patience_runs_out(digits):
     assert early_stop_due(history, 2) and not any(early_stop_due(history[:n], 2) for n in range(1, stopped))
 
 
+@pytest.mark.slow
 def test_resuming_with_everything_on_is_bit_exact(digits, tmp_path: Path):
     (images, labels), test = digits
     config = TrainConfig(epochs=3, batch_size=32, optimizer="adamw", schedule="warmup-cosine", warmup_steps=5,
@@ -174,6 +180,7 @@ def _events(folder: Path) -> list:
     return events
 
 
+@pytest.mark.slow
 def test_the_command_runs_it_all_and_writes_readable_tensorboard_files(tiny_mnist_dir: Path, tmp_path: Path, capsys):
     pytest.importorskip("tensorboardX", reason="pip install 'jaxmnist[tensorboard]'")
     flags = ["--data-dir", str(tiny_mnist_dir), "--no-verify", "--no-compile-cache", "--batch-size", "16",

@@ -4,6 +4,7 @@ and turning library errors (which name API arguments) into messages that name fl
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import re
 import sys
@@ -24,10 +25,22 @@ DATA_FLAGS = {"data_dir": "--data-dir", "source": "--source", "download": "--dow
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are a single line (no usage dump), exit code 2."""
+    """argparse whose errors are a single line (no usage dump) with the same ``error:`` prefix as every other
+    error of the commands, exit code 2; a mistyped flag gets the closest real one suggested."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(EXIT_BAD_INPUT, f"error: {message}{self._suggestion(message)} (see {self.prog} --help)\n")
+
+    def _suggestion(self, message: str) -> str:
+        unknown = re.match(r"unrecognized arguments: (.*)", message)
+        if unknown is None:
+            return ""
+        known = [option for action in self._actions for option in action.option_strings]
+        for word in unknown.group(1).split():
+            close = difflib.get_close_matches(word.split("=")[0], known, n=1, cutoff=0.75)
+            if word.startswith("--") and close:
+                return f"; did you mean {close[0]}?"
+        return ""
 
 
 def positive_int(text: str) -> int:

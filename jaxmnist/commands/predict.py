@@ -60,6 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         report_error(error, {"seed": "--seed"}, debug=False)
         return EXIT_BAD_INPUT
+    if config.seeds > 1:
+        seeds = f"{config.seeds} seeds ({config.seed}..{config.seed + config.seeds - 1})"
+        print(f"seed {args.seed} of {seeds}" if args.seed is not None else f"ensemble: mean probability of {seeds}")
     for path, row in zip(args.images, probabilities):
         best = np.argsort(row)[::-1][: min(args.top, len(row))]
         print(f"{path}: " + ", ".join(f"{digit} ({row[digit]:.3f})" for digit in best))

@@ -6,7 +6,7 @@ ink on a light background (MNIST digits are light on dark); then the lesson's no
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -21,7 +21,7 @@ class ImageError(ValueError):
     """An image could not be read."""
 
 
-def read_digit_image(path: Path) -> np.ndarray:
+def read_digit_image(path: str | os.PathLike) -> np.ndarray:
     """A uint8 ``(28, 28)`` MNIST-style image (light digit on dark) from any image file Pillow reads."""
     from PIL import Image, UnidentifiedImageError
 

@@ -29,6 +29,7 @@ def _problem(dtype, sizes=(784, 32, 10), batch=16, seed=0):
     return params, inputs, labels
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["mse", "ce"])
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_gives_shaped_finite_gradients(loss: str, method: str):
@@ -38,6 +39,7 @@ def test_every_method_gives_shaped_finite_gradients(loss: str, method: str):
     chex.assert_tree_all_finite(grads)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["mse", "ce"])
 @pytest.mark.parametrize("dtype, tolerance", [(jnp.float64, 1e-12), (jnp.float32, 1e-5)])
 def test_chain_rule_manual_and_autodiff_agree(loss: str, dtype, tolerance: float):
@@ -49,6 +51,7 @@ def test_chain_rule_manual_and_autodiff_agree(loss: str, dtype, tolerance: float
             chex.assert_trees_all_close(grads, reference, rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["mse", "ce"])
 def test_gradients_match_central_finite_differences(loss: str):
     with jax.enable_x64(True):
@@ -98,6 +101,7 @@ def test_a_small_sgd_update_lowers_the_loss(loss: str):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype, tolerance", [(jnp.float64, 1e-12), (jnp.float32, 1e-5)])
 def test_lesson_mlp_layerwise_vjps_equal_jax_grad_of_the_flax_model(dtype, tolerance: float):
     with jax.enable_x64(dtype == jnp.float64):
@@ -115,6 +119,7 @@ def test_unknown_loss_is_refused():
         backprop.forward(params, inputs, labels, "hinge")
 
 
+@pytest.mark.slow
 def test_walk_through_prints_agreeing_methods(tiny_mnist_dir, capsys: pytest.CaptureFixture):
     assert main(["--data-dir", str(tiny_mnist_dir), "--no-verify", "--hidden", "16", "--batch-size", "8"]) == 0
     output = capsys.readouterr().out

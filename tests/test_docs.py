@@ -55,7 +55,13 @@ def test_the_readme_stays_a_front_door():
         assert (ROOT / link).is_file(), link
 
 
-@pytest.mark.parametrize("page", sorted(path.name for path in (ROOT / "docs").glob("*.md")))
+@pytest.mark.parametrize(
+    "page",
+    [
+        pytest.param(path.name, marks=[pytest.mark.slow] if path.name == "research.md" else [])
+        for path in sorted((ROOT / "docs").glob("*.md"))
+    ],
+)
 def test_docs_python_snippets_run(page: str, tmp_path, monkeypatch):
     """Each ```python block of a docs page runs as written (```py marks an excerpt that does not run alone)."""
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / page).read_text(), flags=re.DOTALL)

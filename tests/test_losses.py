@@ -35,6 +35,7 @@ def test_cross_entropy_on_logits_equals_nll_on_log_softmax():
     np.testing.assert_allclose(log_softmax_nll_loss(LOGITS, LABELS), nll_loss(log_probs, LABELS), rtol=0)
 
 
+@pytest.mark.slow
 def test_losses_agree_with_optax_on_random_batches():
     logits = jax.random.normal(jax.random.key(0), (64, 10)) * 3
     labels = jax.random.randint(jax.random.key(1), (64,), 0, 10)

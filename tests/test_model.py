@@ -67,6 +67,7 @@ def test_hidden_sizes_and_activation_are_configurable():
     np.testing.assert_allclose(model.apply({"params": params}, images), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_float64_parameters_compute_in_float64():
     with jax.enable_x64(True):
         model = MLP(param_dtype=jnp.float64)

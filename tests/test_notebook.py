@@ -17,6 +17,8 @@ from jaxmnist.paths import DATA_DIR_ENV  # noqa: E402
 
 from conftest import make_digits  # noqa: E402
 
+pytestmark = pytest.mark.slow  # a Jupyter kernel running the whole notebook
+
 NOTEBOOK = Path(__file__).parent.parent / "notebooks" / "training_neural_networks.ipynb"
 
 

@@ -18,6 +18,8 @@ import pytest
 from jaxmnist.parallel import DeviceError, make_mesh, padded_batch_width
 from jaxmnist.train import epoch_batch_indices
 
+pytestmark = pytest.mark.slow  # 8 simulated devices and two processes, in subprocesses
+
 EIGHT_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 
 

@@ -112,6 +112,7 @@ def _epoch_losses(state, digits, epochs: int = 3, batch_size: int = 32):
     return state, means
 
 
+@pytest.mark.slow
 def test_flax_example_cnn_trains_through_train_step_and_train_epoch(digits):
     state = create_train_state(
         jax.random.key(0), FlaxExampleCNN(), optax.sgd(0.05, momentum=0.9), loss="ce", input_shape=(1, 28, 28, 1)
@@ -138,6 +139,7 @@ def test_batch_stats_update_in_training_and_are_used_in_evaluation(digits):
     assert float(evaluate(zeroed, test_images, labels[:64])["loss"]) != float(used["loss"])
 
 
+@pytest.mark.slow
 def test_evaluation_is_deterministic_and_dropout_free(digits):
     images, labels = digits
     state = create_train_state(jax.random.key(0), BatchNormDropoutNet(), optax.adam(1e-2), loss="ce")
@@ -153,6 +155,7 @@ def test_evaluation_is_deterministic_and_dropout_free(digits):
     chex.assert_trees_all_close(logits, expected, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_dropout_masks_differ_across_steps_and_repeat_with_the_seed(digits):
     images, labels = digits
     state = create_train_state(jax.random.key(0), MLP(dropout_rate=0.5))
@@ -186,6 +189,7 @@ def test_the_dropout_key_leaves_the_initial_parameters_alone():
     chex.assert_trees_all_equal(create_train_state(jax.random.key(0), MLP(dropout_rate=0.2)).params, plain.params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "make_model", [BatchNormDropoutNet, lambda: NnxBatchNormDropoutNet(nnx.Rngs(0))], ids=["linen", "nnx"]
 )
@@ -219,6 +223,7 @@ def test_nnx_model_with_batchnorm_dropout_and_adamw_trains_and_comes_back_as_nnx
     chex.assert_trees_all_equal(evaluate(state, test_images, labels), evaluate(state, test_images, labels))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype, steps, tolerance", [("float32", 100, 1e-6), ("float64", 200, 1e-12)])
 def test_the_lesson_mlp_in_nnx_gives_the_linen_losses(dtype, steps, tolerance):
     images, labels = (jnp.asarray(array) for array in make_digits(steps * 8, seed=4))
@@ -235,6 +240,7 @@ def test_the_lesson_mlp_in_nnx_gives_the_linen_losses(dtype, steps, tolerance):
         assert relative.max() <= tolerance
 
 
+@pytest.mark.slow
 def test_resuming_a_dropout_batchnorm_run_from_bytes_is_bit_exact(digits):
     images, labels = digits
     key = jax.random.key(2)
@@ -260,6 +266,7 @@ def test_injected_schedule_reports_the_learning_rate_of_each_step(digits):
     np.testing.assert_allclose(metrics["learning_rate"], [schedule(step) for step in range(8)], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_clipping_chain_and_gradient_accumulation_work(digits):
     images, labels = digits
     clipped = optax.chain(optax.clip_by_global_norm(1e-3), optax.sgd(1.0))
@@ -289,6 +296,7 @@ def test_a_model_needing_an_argument_jaxmnist_cannot_give_is_refused_by_name():
         create_train_state(jax.random.key(0), NeedsContext())
 
 
+@pytest.mark.slow
 def test_a_batch_of_the_wrong_shape_names_the_expected_shape():
     state = create_train_state(jax.random.key(0), FlaxExampleCNN(), input_shape=(1, 28, 28, 1))
     with pytest.raises(ValueError, match=r"\(B, 28, 28, 1\).*got shape \(4, 32, 32\)"):

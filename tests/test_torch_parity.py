@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", reason="PyTorch is not installed: pip install torch==2.13.0 (CPU build)")
+torch = pytest.importorskip("torch", reason="PyTorch is not installed: see the README (its CPU build)")
 
 from jaxmnist.data import load_mnist  # noqa: E402
 from jaxmnist.model import MLP  # noqa: E402
@@ -57,6 +57,7 @@ def test_weight_conversion_round_trips_exactly():
     chex.assert_trees_all_equal(params_from_torch(twin.state_dict()), params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-6), (jnp.float64, 1e-14)])
 def test_forward_logits_and_initial_loss_are_identical(dtype, tolerance):
     images, labels = make_digits(64)
@@ -74,6 +75,7 @@ def test_forward_logits_and_initial_loss_are_identical(dtype, tolerance):
         assert 2.2 < float(jax_loss) < 2.4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["nll", "ce"])
 def test_full_epoch_in_float64_matches_pytorch_to_1e12_at_every_step(training_set, loss: str):
     images, labels = training_set
@@ -88,6 +90,7 @@ def test_full_epoch_in_float64_matches_pytorch_to_1e12_at_every_step(training_se
         chex.assert_trees_all_close(state.params, params_from_torch(model.state_dict()), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["nll", "ce"])
 def test_first_100_steps_in_float32_match_pytorch_to_1e5(training_set, loss: str):
     images, labels = training_set

@@ -141,6 +141,7 @@ def test_train_epoch_equals_a_loop_of_train_step(digits):
     chex.assert_trees_all_close(scanned_state.params, looped_state.params, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_train_epoch_equals_train_step_loop_in_float64_to_1e12(digits):
     images, labels = digits
     with jax.enable_x64(True):
@@ -166,6 +167,7 @@ def test_one_trace_across_epochs_and_the_short_last_batch(digits):
         state, _ = epoch_step_loop(state, images, labels, jax.random.key(epoch), 64, step_fn=counted_step)
 
 
+@pytest.mark.slow
 def test_same_seed_same_losses_other_seed_other_losses(digits):
     images, labels = digits
 
@@ -197,6 +199,7 @@ def lesson_sized_set() -> tuple[jax.Array, jax.Array]:
     return jnp.asarray(images), jnp.asarray(labels, jnp.int32)
 
 
+@pytest.mark.slow
 def test_scan_epoch_matches_step_loop_over_the_first_100_steps_in_float32(lesson_sized_set):
     images, labels = lesson_sized_set
     key = jax.random.key(11)
@@ -207,6 +210,7 @@ def test_scan_epoch_matches_step_loop_over_the_first_100_steps_in_float32(lesson
     assert relative.max() <= 1e-6
 
 
+@pytest.mark.slow
 def test_scan_epoch_matches_step_loop_over_a_whole_epoch_in_float64(lesson_sized_set):
     images, labels = lesson_sized_set
     with jax.enable_x64(True):
@@ -219,6 +223,7 @@ def test_scan_epoch_matches_step_loop_over_a_whole_epoch_in_float64(lesson_sized
         assert relative.max() <= 1e-12
 
 
+@pytest.mark.slow
 def test_chunks_of_steps_reproduce_the_whole_epoch(digits):
     images, labels = digits
     key = jax.random.key(3)

@@ -194,3 +194,15 @@ def test_readme_python_examples_run_as_written(real_mnist_dir: Path):
     assert runnable, "the README lost its research-code example"
     for block in runnable:
         exec(compile(block, str(README), "exec"), {})
+
+
+def test_loss_plots_are_written_as_the_named_format(tmp_path: Path):
+    from jaxmnist.loop import EpochResult
+    from jaxmnist.plots import plot_loss_band, plot_losses
+
+    plot_losses([2.0, 1.0, 0.5], [1.5, 0.9, 0.6], str(tmp_path / "loss.png"), val_losses=[1.6, 1.0, 0.7])
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    history = [EpochResult(epoch, 2.0 / epoch + seed, 0, 1.0 / epoch, 0, 1, 0, 0, seed=seed)
+               for epoch in (1, 2) for seed in (0, 1)]  # fmt: skip
+    plot_loss_band(history, tmp_path / "band.svg")
+    assert (tmp_path / "band.svg").read_text().lstrip().startswith("<?xml")

@@ -18,11 +18,13 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import serialization
+from flax import serialization, traverse_util
 
-from jaxmnist.config import TrainConfig, config_from_dict, config_to_dict, initial_state, run_keys
+from jaxmnist.config import TrainConfig, config_from_dict, config_to_dict
 from jaxmnist.files import PathArg, remove_temporary_files, write_atomically
 from jaxmnist.loop import EpochResult, Progress
+from jaxmnist.runs import run_keys
+from jaxmnist.train import TrainState
 
 FORMAT = "jaxmnist-checkpoint"
 VERSION = 2  # 2: the train state carries its collections and PRNG key
@@ -112,18 +114,47 @@ def read_checkpoint(path: PathArg) -> tuple[TrainConfig, dict[str, Any]]:
     return config, payload
 
 
-def restore_progress(path: PathArg, config: TrainConfig, num_train_images: int) -> Progress:
-    """The progress saved in ``path``, checked against ``config`` (settings that change the math must match).
+def tree_difference(saved: Any, template: Any) -> str | None:
+    """The first difference between two state dicts' names and shapes, in words; None when they agree.
 
-    ``num_train_images`` is the training set's size before the held-out images (schedules span the run).
+    Example:
+        >>> tree_difference({"Dense_0": {"kernel": np.zeros((2, 3))}}, {"Conv_0": {"kernel": np.zeros((2, 3))}})
+        'Dense_0/kernel is in the file, not in this run (which has Conv_0/kernel)'
     """
+    saved_leaves = traverse_util.flatten_dict(saved, sep="/") if isinstance(saved, dict) and saved else {}
+    template_leaves = traverse_util.flatten_dict(template, sep="/") if isinstance(template, dict) and template else {}
+    for name in sorted(saved_leaves.keys() - template_leaves.keys()):
+        others = ", ".join(sorted(template_leaves)[:3]) or "nothing"
+        return f"{name} is in the file, not in this run (which has {others})"
+    for name in sorted(template_leaves.keys() - saved_leaves.keys()):
+        return f"this run has {name}, the file does not"
+    for name, leaf in template_leaves.items():
+        if np.shape(saved_leaves[name]) != np.shape(leaf):
+            return f"{name} is {np.shape(saved_leaves[name])} in the file, {np.shape(leaf)} in this run"
+    return None
+
+
+def restore_progress(path: PathArg, config: TrainConfig, template: TrainState) -> Progress:
+    """The progress saved in ``path``, checked against ``config`` (settings that change the math must match)
+    and restored onto ``template``, the run's own initial state (``jaxmnist.runs.initial_state``).
+
+    Raises:
+        CheckpointError: another configuration, or the state of another model or optimizer (named).
+        DamagedCheckpointError: the file cannot be read.
+    """
+    path = Path(path)
     saved_config, payload = read_checkpoint(path)
     differences = config_differences(saved_config, config)
     if differences:
         field, saved, current = differences[0]
         raise CheckpointError(f"{path}: cannot resume, {field} is {saved} in the checkpoint but {current} now")
+    template_dict = serialization.to_state_dict(template)
+    for part, owner in (("params", "model"), ("collections", "model"), ("opt_state", "optimizer")):
+        difference = tree_difference(payload.get("state", {}).get(part), template_dict.get(part))
+        if difference is not None:
+            raise CheckpointError(f"{path}: a checkpoint of another {owner} ({part}: {difference})")
     try:
-        state = serialization.from_state_dict(initial_state(config, num_train_images), payload["state"])
+        state = serialization.from_state_dict(template, payload["state"])
         saved_key = np.asarray(payload["data_key"])
         if not np.array_equal(saved_key, np.asarray(jax.random.key_data(run_keys(config.seed)[1]))):
             raise ValueError("its RNG state does not match its seed")
@@ -140,8 +171,9 @@ def restore_progress(path: PathArg, config: TrainConfig, num_train_images: int) 
     return progress
 
 
-def resume(directory: PathArg, config: TrainConfig, num_train_images: int) -> tuple[Restored | None, list[str]]:
-    """The newest intact checkpoint in ``directory``, and a line for each newer one that is damaged.
+def resume(directory: PathArg, config: TrainConfig, template: TrainState) -> tuple[Restored | None, list[str]]:
+    """The newest intact checkpoint in ``directory`` restored onto ``template`` (the run's initial state),
+    and a line for each newer one that is damaged.
 
     Stray temporary files of interrupted writes are removed. Returns ``(None, [])`` when the folder holds
     no checkpoint (or does not exist): there is nothing to continue.
@@ -154,7 +186,7 @@ def resume(directory: PathArg, config: TrainConfig, num_train_images: int) -> tu
     damaged = []
     for path in reversed(checkpoint_paths(directory)):
         try:
-            return Restored(path, restore_progress(path, config, num_train_images)), damaged
+            return Restored(path, restore_progress(path, config, template)), damaged
         except DamagedCheckpointError as error:
             damaged.append(str(error))
     if damaged:
@@ -163,30 +195,78 @@ def resume(directory: PathArg, config: TrainConfig, num_train_images: int) -> tu
 
 
 PARAMS_FORMAT = "jaxmnist-params"
-PARAMS_VERSION = 1
+PARAMS_VERSION = 2  # 2: the model's carried collections and its input shape; version 1 files still load
 
 
-def params_file_bytes(config: TrainConfig, params: Any) -> bytes:
+@dataclasses.dataclass(frozen=True)
+class SavedModel:
+    """A trained model as a parameters file holds it: enough for ``jaxmnist.predict`` to rebuild and run it.
+
+    Attributes:
+        config: the run's settings (``config.model`` names a model of the user's; None: the lesson's MLP).
+        params: the parameters, nested dicts of arrays (a leading seed axis when ``config.seeds`` > 1).
+        collections: the carried collections, e.g. BatchNorm's ``batch_stats`` (same layout).
+        image_shape: the shape of one input image the model was trained on.
+    """
+
+    config: TrainConfig
+    params: Any
+    collections: Any
+    image_shape: tuple[int, ...]
+
+
+def params_file_bytes(
+    config: TrainConfig, params: Any, collections: Any = None, image_shape: tuple[int, ...] = (28, 28)
+) -> bytes:
     """The content of a parameters file for ``jaxmnist.predict``: msgpack (``flax.serialization``) of
-    ``{"format": "jaxmnist-params", "version": 1, "config": <TrainConfig as JSON>, "params": <MLP params>}``."""
+    ``{"format": "jaxmnist-params", "version": 2, "config": <TrainConfig as JSON>, "params": ...,
+    "collections": ..., "image_shape": [...]}``."""
     payload = {
         "format": PARAMS_FORMAT,
         "version": PARAMS_VERSION,
         "config": json.dumps(config_to_dict(config)),
         "params": params,
+        "collections": collections or {},
+        "image_shape": list(image_shape),
     }
     return serialization.msgpack_serialize(jax.device_get(payload))
 
 
-def save_params(path: PathArg, config: TrainConfig, params: Any) -> Path:
+def save_params(
+    path: PathArg, config: TrainConfig, params: Any, collections: Any = None, image_shape: tuple[int, ...] = (28, 28)
+) -> Path:
     """Writes ``params_file_bytes`` to ``path`` atomically and returns it as a ``Path``."""
     path = Path(path)
-    write_atomically(path, params_file_bytes(config, params))
+    write_atomically(path, params_file_bytes(config, params, collections, image_shape))
     return path
 
 
-def load_params(path: PathArg) -> tuple[TrainConfig, Any]:
+def load_saved_model(path: PathArg) -> SavedModel:
     """Reads a parameters file written by ``save_params`` (``python -m jaxmnist.train --save FILE``).
+
+    Raises:
+        CheckpointError: the file cannot be read, or is not such a file.
+    """
+    path = Path(path)
+    try:
+        payload = serialization.msgpack_restore(path.read_bytes())
+        if not isinstance(payload, dict) or payload.get("format") != PARAMS_FORMAT:
+            raise ValueError(f"format {payload.get('format') if isinstance(payload, dict) else None!r}")
+        saved = SavedModel(
+            config=config_from_dict(json.loads(payload["config"])),
+            params=payload["params"],
+            collections=payload.get("collections") or {},
+            image_shape=tuple(int(size) for size in payload.get("image_shape", (28, 28))),
+        )
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot read ({error.strerror or error})") from error
+    except Exception as error:  # msgpack, json and our own checks raise assorted types
+        raise CheckpointError(f"{path}: not a jaxmnist parameters file written by --save ({error})") from error
+    return saved
+
+
+def load_params(path: PathArg) -> tuple[TrainConfig, Any]:
+    """The settings and parameters of a parameters file (``load_saved_model`` has the rest).
 
     Args:
         path: the file, as a ``str`` or any path-like object.
@@ -208,15 +288,5 @@ def load_params(path: PathArg) -> tuple[TrainConfig, Any]:
         >>> config.hidden_sizes, params["Dense_0"]["kernel"].shape
         ((128, 64), (784, 128))
     """
-    path = Path(path)
-    try:
-        payload = serialization.msgpack_restore(path.read_bytes())
-        if not isinstance(payload, dict) or payload.get("format") != PARAMS_FORMAT:
-            raise ValueError(f"format {payload.get('format') if isinstance(payload, dict) else None!r}")
-        config = config_from_dict(json.loads(payload["config"]))
-        params = payload["params"]
-    except OSError as error:
-        raise CheckpointError(f"{path}: cannot read ({error.strerror or error})") from error
-    except Exception as error:  # msgpack, json and our own checks raise assorted types
-        raise CheckpointError(f"{path}: not a jaxmnist parameters file written by --save ({error})") from error
-    return config, params
+    saved = load_saved_model(path)
+    return saved.config, saved.params

@@ -1,8 +1,9 @@
 """The run's definition: every setting once, with its default, allowed values, flag and help.
 
-``TrainConfig`` is the single source of a run's settings: the train command builds its flags from the
-fields' metadata, checkpoints store it and compare it on resume, and ``initial_state`` builds the model,
-optimizer and keys from it.
+``TrainConfig`` is the single source of a run's settings, and holds settings only: the train command
+builds its flags from the fields' metadata, checkpoints and saved parameters store it and compare it on
+resume; ``jaxmnist.recipe`` builds the lesson's model and the optimizer from it, ``jaxmnist.runs`` the
+run's keys and initial state.
 """
 
 from __future__ import annotations
@@ -10,17 +11,18 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-
 from jaxmnist.losses import LOSSES
-from jaxmnist.model import ACTIVATIONS, MLP
-from jaxmnist.train import TrainState, create_train_state
+from jaxmnist.model import ACTIVATIONS
 
 Kind = Literal[
-    "positive_int", "non_negative_int", "positive_float", "non_negative_float", "fraction", "sizes", "choice"
+    "positive_int",
+    "non_negative_int",
+    "positive_float",
+    "non_negative_float",
+    "fraction",
+    "sizes",
+    "choice",
+    "model_spec",
 ]
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")
@@ -28,8 +30,8 @@ SCHEDULES = ("constant", "cosine", "warmup-cosine")
 DEFAULT_MOMENTUM = 0.9
 DEFAULT_WEIGHT_DECAY = 1e-4
 
-# Salts for keys derived from the seed besides the init and data keys (which stay split(key(seed))).
-_VALIDATION_SALT = 0x76616C  # "val"
+# Settings that describe only the lesson's MLP: they do not apply to a model of the user's.
+LESSON_MODEL_SETTINGS = ("hidden_sizes", "activation", "weight_init", "dropout")
 
 
 class SettingsError(ValueError):
@@ -81,6 +83,15 @@ class TrainConfig:
         kind="positive_int",
     )
     learning_rate: float = setting(0.003, "learning rate (default 0.003)", flag="--lr", kind="positive_float")
+    model: str | None = setting(
+        None,
+        "train your own flax model instead of the lesson's MLP: FILE.py:NAME (relative to the working folder, "
+        "or absolute) or package.module:NAME; NAME is a linen Module class or instance, an NNX Module class "
+        "taking rngs, or a function returning one (see docs/your-model.md)",
+        flag="--model",
+        kind="model_spec",
+        metavar="FILE.py:NAME",
+    )
     seed: int = setting(
         0,
         "seed of the initial weights and the shuffling; same seed, same losses (default 0)",
@@ -198,6 +209,10 @@ class TrainConfig:
             raise SettingsError("`early_stopping` stops one run; with `seeds` > 1 the runs share one program")
         if self.early_stopping and not self.val_split:
             raise SettingsError("`early_stopping` needs `val_split`=N: a held-out set whose loss it watches")
+        if self.model is not None:
+            for name in LESSON_MODEL_SETTINGS:
+                if getattr(self, name) != _DEFAULTS[name]:
+                    raise SettingsError(f"`{name}` describes the lesson's MLP, not `model`={self.model}")
 
     def resumable_changes(self) -> frozenset[str]:
         """Settings a resumed run may change; the length of a scheduled run shapes its learning rates."""
@@ -224,8 +239,11 @@ def check_setting(field: dataclasses.Field, value: Any) -> None:
         raise SettingsError(f"{name} must be in [0, 1), got {value!r}")
     if kind == "sizes" and not (value and all(isinstance(size, int) and size >= 1 for size in value)):
         raise SettingsError(f"{name} must be whole numbers >= 1, got {value!r}")
+    if kind == "model_spec" and not (isinstance(value, str) and value.rpartition(":")[0]):
+        raise SettingsError(f"{name} must be FILE.py:NAME or package.module:NAME, got {value!r}")
 
 
+_DEFAULTS = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
 RESUMABLE_CHANGES = frozenset(field.name for field in dataclasses.fields(TrainConfig) if field.metadata["resumable"])
 
 
@@ -237,17 +255,6 @@ def config_to_dict(config: TrainConfig) -> dict[str, Any]:
 def config_from_dict(values: dict[str, Any]) -> TrainConfig:
     """The inverse of ``config_to_dict``; settings missing from ``values`` take their defaults."""
     return TrainConfig(**{**values, "hidden_sizes": tuple(values["hidden_sizes"])})
-
-
-def build_model(config: TrainConfig) -> MLP:
-    """The MLP that ``config`` describes."""
-    return MLP(
-        hidden_sizes=config.hidden_sizes,
-        activation=ACTIVATIONS[config.activation],
-        weight_init=config.weight_init,
-        param_dtype=jnp.dtype(config.dtype),
-        dropout_rate=config.dropout,
-    )
 
 
 def steps_per_epoch(config: TrainConfig, num_train_images: int) -> int:
@@ -262,90 +269,3 @@ def check_against_data(config: TrainConfig, num_train_images: int) -> None:
     total_steps = config.epochs * steps_per_epoch(config, num_train_images)
     if config.warmup_steps >= total_steps:
         raise SettingsError(f"`warmup_steps`={config.warmup_steps} must be shorter than the run ({total_steps} steps)")
-
-
-def learning_rate_schedule(config: TrainConfig, total_steps: int) -> float | optax.Schedule:
-    """The learning rate, or its schedule over the run's ``total_steps``."""
-    if config.schedule == "constant":
-        return config.learning_rate
-    if config.schedule == "cosine":
-        return optax.cosine_decay_schedule(config.learning_rate, total_steps)
-    return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, config.warmup_steps, total_steps)
-
-
-def build_optimizer(config: TrainConfig, num_train_images: int) -> optax.GradientTransformation:
-    """The optax optimizer that ``config`` describes; a scheduled one exposes its learning rate.
-
-    Args:
-        config: the run's settings.
-        num_train_images: the training set's size before the held-out images (schedules span the run).
-
-    Returns:
-        The optimizer; with a schedule, ``optax.inject_hyperparams`` of it, so every step reports its rate.
-
-    Example:
-        >>> optimizer = build_optimizer(TrainConfig(optimizer="adam", schedule="cosine"), 60_000)
-        >>> float(optimizer.init({"w": jnp.zeros(2)}).hyperparams["learning_rate"])
-        0.003
-    """
-
-    def make(learning_rate: float | optax.Schedule) -> optax.GradientTransformation:
-        momentum = DEFAULT_MOMENTUM if config.momentum is None else config.momentum
-        if config.optimizer in ("momentum", "nesterov"):
-            return optax.sgd(learning_rate, momentum=momentum, nesterov=config.optimizer == "nesterov")
-        if config.optimizer == "adam":
-            return optax.adam(learning_rate)
-        if config.optimizer == "adamw":
-            decay = DEFAULT_WEIGHT_DECAY if config.weight_decay is None else config.weight_decay
-            return optax.adamw(learning_rate, weight_decay=decay)
-        return optax.sgd(learning_rate)
-
-    learning_rate = learning_rate_schedule(config, config.epochs * steps_per_epoch(config, num_train_images))
-    return make(learning_rate) if config.schedule == "constant" else optax.inject_hyperparams(make)(learning_rate)
-
-
-def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
-    """The initialization key and the data-order key of a run, both derived from its seed."""
-    init_key, data_key = jax.random.split(jax.random.key(seed))
-    return init_key, data_key
-
-
-def epoch_key(data_key: jax.Array, epoch: int) -> jax.Array:
-    """The key of one epoch's shuffle (epochs count from 1): reproducible without replaying earlier ones."""
-    return jax.random.fold_in(data_key, epoch)
-
-
-def seed_values(config: TrainConfig) -> list[int]:
-    """The seeds of the run's independent runs: ``seed, seed + 1, ..., seed + seeds - 1``."""
-    return list(range(config.seed, config.seed + config.seeds))
-
-
-def hold_out(config: TrainConfig, images: np.ndarray, labels: np.ndarray) -> tuple[tuple, tuple]:
-    """The training images split into ``(train, validation)``: ``val_split`` of them held out.
-
-    Which ones depends on the seed alone (a key of its own, so the init and shuffle keys do not move);
-    both parts keep the data set's order.
-
-    Example:
-        >>> images, labels = np.zeros((10, 28, 28), np.uint8), np.arange(10)
-        >>> (train, _), (validation, held_labels) = hold_out(TrainConfig(val_split=3), images, labels)
-        >>> len(train), len(validation), sorted(set(held_labels) & set(_))
-        (7, 3, [])
-    """
-    check_against_data(config, len(images))
-    order = np.asarray(
-        jax.random.permutation(jax.random.fold_in(jax.random.key(config.seed), _VALIDATION_SALT), len(images))
-    )
-    held, kept = np.sort(order[: config.val_split]), np.sort(order[config.val_split :])
-    return (images[kept], labels[kept]), (images[held], labels[held])
-
-
-def initial_state(config: TrainConfig, num_train_images: int) -> TrainState:
-    """The freshly initialized train state of a run over ``num_train_images`` (before the held-out ones).
-
-    With ``seeds`` > 1, the states of the runs stacked along a leading axis, each exactly the state its
-    seed gives alone.
-    """
-    model, optimizer = build_model(config), build_optimizer(config, num_train_images)
-    states = [create_train_state(run_keys(seed)[0], model, optimizer, loss=config.loss) for seed in seed_values(config)]
-    return states[0] if len(states) == 1 else jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)

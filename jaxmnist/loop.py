@@ -11,19 +11,33 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.sharding import Mesh
 
-from jaxmnist.config import TrainConfig, hold_out, initial_state, seed_values
+from jaxmnist.config import TrainConfig
+from jaxmnist.model_source import Model, ModelSource
 from jaxmnist.normalization import normalize
 from jaxmnist.parallel import replicate, shard_seeds
 from jaxmnist.programs import Programs, per_seed
+from jaxmnist.runs import (
+    Run,
+    RunError,
+    build_run,
+    check_images,
+    check_labels,
+    count_classes,
+    hold_out,
+    initial_state,
+    seed_values,
+)
 from jaxmnist.train import TrainState, num_batches, param_dtype
+from jaxmnist.train.state import LossFn
 from jaxmnist.train.steps import Metrics
 
 ArrayPair = tuple[np.ndarray, np.ndarray]
@@ -122,11 +136,10 @@ class DivergenceError(ArithmeticError):
         self.epoch, self.step, self.loss, self.seed = epoch, step, loss, seed
 
 
-def start_of_run(config: TrainConfig, num_train_images: int) -> Progress:
-    """The progress of a run over ``num_train_images`` (before the held-out ones) that has not taken a step."""
+def start_of_run(config: TrainConfig, run: Run) -> Progress:
+    """The progress of ``run`` before its first step."""
     empty = np.zeros((config.seeds, 0) if config.seeds > 1 else 0, np.dtype(config.dtype))
-    state = initial_state(config, num_train_images)
-    return Progress(state, epoch=1, position=0, step_losses=empty, step_accuracies=empty)
+    return Progress(initial_state(config, run), epoch=1, position=0, step_losses=empty, step_accuracies=empty)
 
 
 def _check_divergence(losses: np.ndarray, max_loss: float, epoch: int, position: int, seeds: list[int]) -> None:
@@ -144,7 +157,7 @@ def _epoch_results(
     progress: Progress,
     seeds: list[int],
     evaluations: dict[str, Metrics],
-    learning_rates: np.ndarray,
+    learning_rates: np.ndarray | None,
     seconds: float,
     compile_seconds: float,
     images_trained: int,
@@ -164,7 +177,7 @@ def _epoch_results(
             compile_seconds=compile_seconds,
             samples_per_second=images_trained * len(seeds) / seconds,
             seed=seed,
-            learning_rate=float(learning_rates[row]),
+            learning_rate=None if learning_rates is None else float(learning_rates[row]),
             val_loss=float(values["val_loss"][row]) if "val_loss" in values else None,
             val_accuracy=float(values["val_accuracy"][row]) if "val_accuracy" in values else None,
         )
@@ -180,23 +193,44 @@ def fit(
     steps_per_call: int | None = None,
     max_loss: float = DEFAULT_MAX_LOSS,
     mesh: Mesh | None = None,
+    *,
+    model: Model | ModelSource | Callable[..., Model] | None = None,
+    optimizer: optax.GradientTransformation | None = None,
+    loss: str | LossFn | None = None,
 ) -> Iterator[Progress]:
     """Trains from ``start`` (default: a fresh run) to the end of epoch ``config.epochs``, or earlier when
     ``config.early_stopping`` epochs pass without a better validation loss.
 
+    Before the first step the labels are checked against the model's number of outputs.
+
     Args:
         config: the run's settings; ``config.val_split`` of the training images are held out
-            (``jaxmnist.config.hold_out``) and evaluated after every epoch.
-        train_data: uint8 images ``(N, 28, 28)`` and int labels.
+            (``jaxmnist.runs.hold_out``) and evaluated after every epoch; ``config.seeds`` runs train
+            together, each from its own initialization.
+        train_data: uint8 images ``(N, H, W)`` or ``(N, H, W, C)`` of any size, and int labels.
         test_data: the same for evaluation after every epoch.
-        start: where to continue from (e.g. a restored checkpoint).
+        start: where to continue from (e.g. a restored checkpoint); its state must be of the same model
+            and optimizer.
         steps_per_call: run each epoch in compiled calls of this many steps (default: one call per epoch).
         max_loss: a step whose loss is not finite or above this raises ``DivergenceError`` (checked once
             per call, no extra host synchronisation); the call is not yielded.
         mesh: a ``jaxmnist.parallel.make_mesh`` mesh to split every batch over its devices.
+        model: a flax linen module, an NNX module (an instance trains one seed; a class or function taking
+            ``rngs`` builds one per seed), or a function returning either; default: ``config.model`` when
+            set, else the lesson's MLP from the settings.
+        optimizer: any optax optimizer; default: the one the settings describe. The learning rate
+            reported is the one it used when it exposes it (``optax.inject_hyperparams``), else None.
+        loss: ``"nll"``, ``"ce"`` or any ``loss_fn(logits, labels, mask)``; default ``config.loss``.
 
     Yields:
-        The ``Progress`` after every compiled call; its ``result`` is set when an epoch ends.
+        The ``Progress`` after every compiled call; its ``result`` is set when an epoch ends. Its state
+        is valid until the next one is yielded: the next compiled call takes over (donates) its buffers,
+        so copy it (``jax.tree.map(jnp.copy, progress.state)``) to keep it longer.
+
+    Raises:
+        RunError: images that are not uint8 ``(N, H, W[, C])``, a model whose output is not ``(B, classes)``
+            logits, or a label outside ``[0, classes)``, all before the first step.
+        jaxmnist.model_source.ModelSpecError: a ``model`` that cannot give a model.
 
     Example:
         >>> import numpy as np
@@ -204,11 +238,19 @@ def fit(
         >>> [p.result.epoch for p in fit(TrainConfig(epochs=2), (images, labels), (images, labels))]
         [1, 2]
     """
-    progress = start_of_run(config, len(train_data[0])) if start is None else start
+    image_shape = check_images(train_data[0], "train_data")
+    if check_images(test_data[0], "test_data") != image_shape:
+        raise RunError(f"`test_data` images are {test_data[0].shape[1:]}, `train_data` images {image_shape}")
+    run = build_run(config, image_shape, len(train_data[0]), model, optimizer, loss)
+    progress = start_of_run(config, run) if start is None else start
+    one_seed_state = progress.state if config.seeds == 1 else jax.tree.map(lambda leaf: leaf[0], progress.state)
+    check_labels(count_classes(one_seed_state, image_shape), {"train_data": train_data[1], "test_data": test_data[1]})
     train_data, val_data = hold_out(config, *train_data)
     seeds = seed_values(config)
     place = jax.device_put if mesh is None else partial(replicate, mesh=mesh)
     state = shard_seeds(progress.state, mesh) if mesh is not None and len(seeds) > 1 else place(progress.state)
+    if start is not None:  # the compiled calls donate their input: leave the caller's start intact
+        state = jax.tree.map(jnp.copy, state)
     images, labels = place(train_data)
     dtype = param_dtype(state)
     evaluation_sets = {"test": test_data, "val": val_data} if config.val_split else {"test": test_data}
@@ -226,8 +268,7 @@ def fit(
         while progress.position < steps_per_epoch:
             started = time.perf_counter()
             num_steps = min(programs.chunk, steps_per_epoch - progress.position)
-            # The compiled calls donate their input state; copy it so every yielded Progress stays valid.
-            state, metrics = programs.run(jax.tree.map(jnp.copy, state), keys, batches, progress.position, num_steps)
+            state, metrics = programs.run(state, keys, batches, progress.position, num_steps)
             losses = per_seed(metrics["loss"], len(seeds))
             seconds += time.perf_counter() - started
             _check_divergence(losses, max_loss, progress.epoch, progress.position, seeds)
@@ -246,10 +287,13 @@ def fit(
             if progress.position == steps_per_epoch:
                 images_trained = min((steps_per_epoch - first_position) * config.batch_size, len(images))
                 evaluations = {name: programs.evaluate(state, *data) for name, data in evaluation_sets.items()}
+                known_rate = run.learning_rate(config)
                 learning_rates = (
                     per_seed(metrics["learning_rate"], len(seeds))[:, -1]
                     if "learning_rate" in metrics
-                    else np.full(len(seeds), config.learning_rate)
+                    else None
+                    if known_rate is None
+                    else np.full(len(seeds), known_rate)
                 )
                 results = _epoch_results(
                     progress, seeds, evaluations, learning_rates, seconds, compile_seconds, images_trained

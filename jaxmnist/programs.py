@@ -15,8 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxmnist.config import TrainConfig, epoch_key, run_keys, seed_values
+from jaxmnist.config import TrainConfig
 from jaxmnist.parallel import batch_sharded, padded_batch_width
+from jaxmnist.runs import epoch_key, run_keys, seed_values
 from jaxmnist.train import (
     TrainState,
     epoch_batch_indices,

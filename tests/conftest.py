@@ -107,3 +107,21 @@ def wait_for(condition: Callable[[], bool], process: subprocess.Popen) -> bool:
             continue
         return condition()
     return True
+
+
+def template_state(config, num_train_images: int, image_shape: tuple[int, ...] = (28, 28)):
+    """The initial state of the run ``config`` describes (its MLP and optimizer): what a checkpoint of that
+    run is restored onto."""
+    from jaxmnist.runs import build_run, initial_state
+
+    return initial_state(config, build_run(config, image_shape, num_train_images))
+
+
+def kept(progresses) -> list:
+    """Every ``Progress`` a ``fit`` yields, with its state copied before the next compiled call takes its
+    buffers over (``fit`` donates them), so that all of them stay usable."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    return [dataclasses.replace(progress, state=jax.tree.map(jnp.copy, progress.state)) for progress in progresses]

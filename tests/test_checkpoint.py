@@ -20,7 +20,7 @@ from jaxmnist.config import TrainConfig
 from jaxmnist.data import write_mnist
 from jaxmnist.loop import DivergenceError, fit
 
-from conftest import make_digits, train_exit_code, wait_for
+from conftest import kept, make_digits, template_state, train_exit_code, wait_for
 
 SMALL = TrainConfig(epochs=2, batch_size=32, learning_rate=0.05)
 
@@ -38,7 +38,7 @@ def test_save_and_restore_round_trip_bit_exactly(small_data, tmp_path: Path):
     progress = next(iter(fit(SMALL, *small_data, steps_per_call=3)))
     assert (progress.epoch, progress.position) == (1, 3)
     path = save_checkpoint(tmp_path, SMALL, progress)
-    restored = restore_progress(path, SMALL, 200)
+    restored = restore_progress(path, SMALL, template_state(SMALL, 200))
     chex.assert_trees_all_equal(restored.state.params, progress.state.params)
     chex.assert_trees_all_equal(restored.state.opt_state, progress.state.opt_state)
     assert int(restored.state.step) == 3 and (restored.epoch, restored.position) == (1, 3)
@@ -49,15 +49,17 @@ def test_save_and_restore_round_trip_bit_exactly(small_data, tmp_path: Path):
 def test_resuming_mid_epoch_gives_the_same_losses_and_bit_identical_params(small_data, tmp_path: Path):
     uninterrupted = list(fit(SMALL, *small_data, steps_per_call=3))
     for stop_after in (1, 2, 3):  # inside epoch 1, at its end, and inside epoch 2
-        stopped = list(fit(SMALL, *small_data, steps_per_call=3))[stop_after - 1]
+        stopped = kept(fit(SMALL, *small_data, steps_per_call=3))[stop_after - 1]
         path = save_checkpoint(tmp_path / str(stop_after), SMALL, stopped)
-        resumed = list(fit(SMALL, *small_data, start=restore_progress(path, SMALL, 200), steps_per_call=3))
+        resumed = list(
+            fit(SMALL, *small_data, start=restore_progress(path, SMALL, template_state(SMALL, 200)), steps_per_call=3)
+        )
         chex.assert_trees_all_equal(resumed[-1].state.params, uninterrupted[-1].state.params)
         assert resumed[-1].result.train_loss == uninterrupted[-1].result.train_loss
 
 
 def test_a_crash_while_writing_leaves_the_previous_checkpoint_loadable(small_data, tmp_path: Path, monkeypatch):
-    first, second = list(fit(SMALL, *small_data, steps_per_call=3))[:2]
+    first, second = kept(fit(SMALL, *small_data, steps_per_call=3))[:2]
     good = save_checkpoint(tmp_path, SMALL, first)
 
     def crash(*args):
@@ -68,7 +70,7 @@ def test_a_crash_while_writing_leaves_the_previous_checkpoint_loadable(small_dat
         save_checkpoint(tmp_path, SMALL, second)
     assert sorted(p.name for p in tmp_path.iterdir()) == [good.name]
     assert checkpoint_paths(tmp_path)[-1] == good
-    restore_progress(good, SMALL, 200)
+    restore_progress(good, SMALL, template_state(SMALL, 200))
 
 
 def test_only_the_newest_k_checkpoints_are_kept(small_data, tmp_path: Path):
@@ -92,8 +94,8 @@ def test_only_the_newest_k_checkpoints_are_kept(small_data, tmp_path: Path):
 def test_resuming_with_another_configuration_is_refused_naming_the_setting(small_data, tmp_path, change, named):
     path = save_checkpoint(tmp_path, SMALL, next(iter(fit(SMALL, *small_data))))
     with pytest.raises(CheckpointError, match=f"cannot resume, {named} is"):
-        restore_progress(path, TrainConfig(**{**SMALL.__dict__, **change}), 200)
-    restore_progress(path, TrainConfig(**{**SMALL.__dict__, "epochs": 9, "loop": "step"}), 200)
+        restore_progress(path, TrainConfig(**{**SMALL.__dict__, **change}), template_state(SMALL, 200))
+    restore_progress(path, TrainConfig(**{**SMALL.__dict__, "epochs": 9, "loop": "step"}), template_state(SMALL, 200))
 
 
 @pytest.mark.parametrize(
@@ -107,22 +109,22 @@ def test_resuming_with_another_configuration_is_refused_naming_the_setting(small
 def test_damaged_checkpoint_is_a_clear_error(tmp_path: Path, content: bytes, fault: str):
     (tmp_path / "ckpt-00000005.msgpack").write_bytes(content)
     with pytest.raises(CheckpointError, match=fault):
-        restore_progress(checkpoint_paths(tmp_path)[-1], SMALL, 200)
+        restore_progress(checkpoint_paths(tmp_path)[-1], SMALL, template_state(SMALL, 200))
 
 
 def test_truncated_real_checkpoint_is_a_clear_error(small_data, tmp_path: Path):
     path = save_checkpoint(tmp_path, SMALL, next(iter(fit(SMALL, *small_data))))
     path.write_bytes(path.read_bytes()[:500])
     with pytest.raises(CheckpointError, match=str(path)):
-        restore_progress(path, SMALL, 200)
+        restore_progress(path, SMALL, template_state(SMALL, 200))
 
 
 def test_a_folder_without_checkpoints_has_nothing_to_resume_and_loses_its_stray_temporary_files(tmp_path: Path):
     (tmp_path / "notes.txt").write_text("hello")
     (tmp_path / ".ckpt-00000007.msgpack.x1y2.tmp").write_bytes(b"half a checkpoint")
-    assert resume(tmp_path, SMALL, 200) == (None, [])
+    assert resume(tmp_path, SMALL, template_state(SMALL, 200)) == (None, [])
     assert sorted(path.name for path in tmp_path.iterdir()) == ["notes.txt"]
-    assert resume(tmp_path / "missing", SMALL, 200) == (None, [])
+    assert resume(tmp_path / "missing", SMALL, template_state(SMALL, 200)) == (None, [])
 
 
 def test_divergence_stops_naming_epoch_and_step_before_yielding_it(small_data):
@@ -130,7 +132,7 @@ def test_divergence_stops_naming_epoch_and_step_before_yielding_it(small_data):
     seen = []
     with pytest.raises(DivergenceError) as error:
         for progress in fit(config, *small_data, steps_per_call=1):
-            seen.append(progress)
+            seen.extend(kept([progress]))  # fit donates each state to its next call
     assert error.value.epoch == 1 and error.value.step == len(seen) + 1
     assert "`learning_rate`" in str(error.value)
     for progress in seen:
@@ -175,7 +177,8 @@ def test_signal_stops_at_a_step_boundary_saves_and_says_how_to_resume(
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == code, stderr
     assert "checkpoint saved to" in stderr and "--resume" in stderr
-    resumed = restore_progress(checkpoint_paths(tmp_path)[-1], TrainConfig(epochs=50, batch_size=4, loop="step"), 1200)
+    config = TrainConfig(epochs=50, batch_size=4, loop="step")
+    resumed = restore_progress(checkpoint_paths(tmp_path)[-1], config, template_state(config, 1200))
     assert resumed.position % 20 == 0 or resumed.position == 0
 
 
@@ -260,9 +263,9 @@ def test_every_checkpoint_function_takes_a_str_path_as_well(tmp_path: Path):
     progress = list(fit(config, make_digits(64), make_digits(10)))[-1]
     saved = save_checkpoint(str(tmp_path / "ck"), config, progress)
     assert checkpoint_paths(str(tmp_path / "ck")) == [saved]
-    restored = restore_progress(str(saved), config, 64)
+    restored = restore_progress(str(saved), config, template_state(config, 64))
     chex.assert_trees_all_equal(restored.state.params, progress.state.params)
-    assert resume(str(tmp_path / "ck"), config, 64)[0].path == saved
+    assert resume(str(tmp_path / "ck"), config, template_state(config, 64))[0].path == saved
     params_file = checkpoint.save_params(str(tmp_path / "params.msgpack"), config, progress.state.params)
     loaded_config, params = checkpoint.load_params(str(params_file))
     assert loaded_config == config

@@ -20,9 +20,11 @@ from PIL import Image
 from jaxmnist.checkpoint import save_params
 from jaxmnist.commands import predict
 from jaxmnist.commands.train import main
-from jaxmnist.config import TrainConfig, initial_state
+from jaxmnist.config import TrainConfig
 from jaxmnist.data import load_mnist
 from jaxmnist.paths import DATA_DIR_ENV
+
+from conftest import template_state
 
 README = Path(__file__).parent.parent / "README.md"
 
@@ -182,7 +184,7 @@ def test_predict_errors_are_one_line_exit_2(tmp_path: Path, capsys):
     assert "cannot read" in capsys.readouterr().err
     assert predict.main(["--params", str(tmp_path / "notes.txt"), str(tmp_path / "blank.png")]) == 2
     assert "not a jaxmnist parameters file" in capsys.readouterr().err
-    params = save_params(tmp_path / "params.msgpack", TrainConfig(), initial_state(TrainConfig(), 60_000).params)
+    params = save_params(tmp_path / "params.msgpack", TrainConfig(), template_state(TrainConfig(), 60_000).params)
     assert predict.main(["--params", str(params), str(tmp_path / "blank.png"), str(tmp_path / "notes.txt")]) == 2
     assert "notes.txt: cannot read as an image" in capsys.readouterr().err
 

@@ -22,7 +22,7 @@ from jaxmnist.config import TrainConfig
 from jaxmnist.loop import DivergenceError, fit
 from jaxmnist.predict import predict_probabilities
 
-from conftest import make_digits, train_exit_code
+from conftest import kept, make_digits, template_state, train_exit_code
 
 
 @pytest.fixture(scope="module")
@@ -69,10 +69,12 @@ def test_the_step_loop_gives_the_scan_s_losses_for_several_seeds(small_data):
 @pytest.mark.slow
 def test_resuming_several_seeds_is_bit_exact(small_data, tmp_path: Path):
     config = TrainConfig(epochs=2, batch_size=32, seeds=3, dropout=0.2)
-    whole = list(fit(config, *small_data, steps_per_call=3))
+    whole = kept(fit(config, *small_data, steps_per_call=3))
     path = save_checkpoint(tmp_path, config, whole[3])  # inside epoch 2
     assert path.name == "ckpt-00000011.msgpack"  # 8 steps an epoch in calls of 3: 3, 6, 8, 11
-    resumed = list(fit(config, *small_data, start=restore_progress(path, config, 256), steps_per_call=3))
+    resumed = list(
+        fit(config, *small_data, start=restore_progress(path, config, template_state(config, 256)), steps_per_call=3)
+    )
     chex.assert_trees_all_equal(resumed[-1].state.params, whole[-1].state.params)
     assert [(r.epoch, r.seed, r.train_loss) for r in resumed[-1].history] == [
         (r.epoch, r.seed, r.train_loss) for r in whole[-1].history

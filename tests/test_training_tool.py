@@ -17,12 +17,14 @@ import pytest
 from jaxmnist.checkpoint import restore_progress, save_checkpoint
 from jaxmnist.commands import tensorboard
 from jaxmnist.commands.train import main
-from jaxmnist.config import TrainConfig, build_model, hold_out, initial_state
+from jaxmnist.config import TrainConfig
 from jaxmnist.loop import EpochResult, best_epoch, early_stop_due, fit
 from jaxmnist.normalization import normalize
+from jaxmnist.recipe import build_model
+from jaxmnist.runs import hold_out
 from jaxmnist.train import create_train_state, evaluate, train_epoch, train_step
 
-from conftest import make_digits, train_exit_code
+from conftest import kept, make_digits, template_state, train_exit_code
 
 
 @pytest.fixture(autouse=True)
@@ -52,7 +54,7 @@ def test_schedules_give_optax_values_at_every_step(digits, schedule, reference):
     (images, labels), _ = digits
     config = TrainConfig(epochs=2, batch_size=32, learning_rate=0.1, schedule=schedule,
                          warmup_steps=4 if schedule == "warmup-cosine" else 0)  # fmt: skip
-    state = initial_state(config, len(images))
+    state = template_state(config, len(images))
     rates = []
     for epoch in range(2):
         state, metrics = train_epoch(state, jnp.asarray(images), jnp.asarray(labels, jnp.int32),
@@ -76,7 +78,7 @@ def test_each_optimizer_is_optax_s(digits, settings, reference):
     (images, labels), _ = digits
     config = TrainConfig(learning_rate=0.01, **settings)
     batch = {"image": normalize(images[:32]), "label": jnp.asarray(labels[:32], jnp.int32)}
-    ours = initial_state(config, len(images))
+    ours = template_state(config, len(images))
     theirs = ours.replace(tx=reference, opt_state=reference.init(ours.params))
     for _ in range(3):
         ours, theirs = train_step(ours, batch)[0], train_step(theirs, batch)[0]
@@ -86,7 +88,7 @@ def test_each_optimizer_is_optax_s(digits, settings, reference):
 def test_dropout_is_on_in_training_only(digits):
     (images, labels), _ = digits
     config = TrainConfig(dropout=0.5)
-    state = initial_state(config, len(images))
+    state = template_state(config, len(images))
     plain = create_train_state(jax.random.key(0), build_model(TrainConfig()), params=state.params)
     test_images, test_labels = normalize(images), jnp.asarray(labels, jnp.int32)
     chex.assert_trees_all_equal(evaluate(state, test_images, test_labels), evaluate(plain, test_images, test_labels))
@@ -113,7 +115,7 @@ def test_the_held_out_split_leaves_the_init_and_shuffle_keys_alone(digits):
     plain = next(iter(fit(TrainConfig(epochs=1, batch_size=32), (images, labels), test)))
     held = next(iter(fit(TrainConfig(epochs=1, batch_size=32, val_split=1), (images, labels), test)))
     chex.assert_trees_all_equal(
-        initial_state(TrainConfig(val_split=1), 320).params, initial_state(TrainConfig(), 320).params
+        template_state(TrainConfig(val_split=1), 320).params, template_state(TrainConfig(), 320).params
     )
     assert held.result.val_loss is not None and plain.result.val_loss is None
 
@@ -146,10 +148,18 @@ def test_resuming_with_everything_on_is_bit_exact(digits, tmp_path: Path):
     (images, labels), test = digits
     config = TrainConfig(epochs=3, batch_size=32, optimizer="adamw", schedule="warmup-cosine", warmup_steps=5,
                          dropout=0.3, val_split=64, early_stopping=5)  # fmt: skip
-    whole = list(fit(config, (images, labels), test, steps_per_call=3))
+    whole = kept(fit(config, (images, labels), test, steps_per_call=3))
     stopped = whole[4]  # inside epoch 2
     path = save_checkpoint(tmp_path, config, stopped)
-    resumed = list(fit(config, (images, labels), test, start=restore_progress(path, config, 320), steps_per_call=3))
+    resumed = list(
+        fit(
+            config,
+            (images, labels),
+            test,
+            start=restore_progress(path, config, template_state(config, 320)),
+            steps_per_call=3,
+        )
+    )
     chex.assert_trees_all_equal(resumed[-1].state.params, whole[-1].state.params)
     chex.assert_trees_all_equal(resumed[-1].state.opt_state, whole[-1].state.opt_state)
     assert [r.val_loss for r in resumed[-1].history] == [r.val_loss for r in whole[-1].history]
@@ -161,7 +171,8 @@ def test_a_scheduled_run_may_not_resume_with_another_length(digits, tmp_path: Pa
     config = TrainConfig(epochs=2, batch_size=32, schedule="cosine")
     path = save_checkpoint(tmp_path, config, next(iter(fit(config, (images, labels), test))))
     with pytest.raises(ValueError, match="epochs is 2 in the checkpoint but 3 now"):
-        restore_progress(path, TrainConfig(epochs=3, batch_size=32, schedule="cosine"), 320)
+        longer = TrainConfig(epochs=3, batch_size=32, schedule="cosine")
+        restore_progress(path, longer, template_state(longer, 320))
 
 
 def _events(folder: Path) -> list:

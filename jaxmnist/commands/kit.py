@@ -95,6 +95,7 @@ ARGUMENT_TYPES: dict[str, Callable[[str], object]] = {
     "non_negative_float": non_negative_float,
     "fraction": fraction,
     "sizes": hidden_sizes,
+    "model_spec": str,
 }
 
 

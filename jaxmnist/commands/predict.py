@@ -13,6 +13,7 @@ from jaxmnist.commands.kit import (
     EXIT_BAD_INPUT,
     OneLineParser,
     configure_jax,
+    in_flag_terms,
     non_negative_int,
     positive_int,
     report_error,
@@ -45,18 +46,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from jaxmnist.checkpoint import CheckpointError, load_params
+    from jaxmnist.checkpoint import CheckpointError, load_saved_model
+    from jaxmnist.model_source import ModelSpecError
     from jaxmnist.predict import ImageError, predict_probabilities, read_digit_image
 
     try:
-        config, params = load_params(args.params)
-        images = np.stack([read_digit_image(path) for path in args.images])
+        saved = load_saved_model(args.params)
+        images = np.stack([read_digit_image(path, saved.image_shape) for path in args.images])
     except (ImageError, CheckpointError) as error:
         report_error(error, {"path": "--params"}, debug=False)
         return EXIT_BAD_INPUT
+    config = saved.config
     configure_jax(config.dtype == "float64", compile_cache=False)
     try:
-        probabilities = predict_probabilities(config, params, images, args.seed)
+        probabilities = predict_probabilities(config, saved.params, images, args.seed, saved.collections)
+    except ModelSpecError as error:  # the model file moved, or builds other parameters now
+        print(f"error: {args.params}: {in_flag_terms(str(error), {'model': 'the recorded model'})}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except ValueError as error:
         report_error(error, {"seed": "--seed"}, debug=False)
         return EXIT_BAD_INPUT

@@ -61,6 +61,11 @@ def band_lines(results: tuple[EpochResult, ...], config: TrainConfig) -> str:
     )
 
 
+def saved_model_bytes(config: TrainConfig, state) -> bytes:
+    """A parameters file of ``state``'s model: parameters, carried collections and input shape."""
+    return params_file_bytes(config, state.params, state.collections, state.image_shape)
+
+
 class OutputWriteError(OSError):
     """An output file could not be written; the message names it and the system's reason, in words."""
 
@@ -134,7 +139,7 @@ class Reporter:
         self._write_metrics()
         best = best_epoch(self.history)
         if self.save_best is not None and best is progress.result:
-            write_output(self.save_best, params_file_bytes(self.config, progress.state.params))
+            write_output(self.save_best, saved_model_bytes(self.config, progress.state))
         if self.tensorboard is not None:
             self.tensorboard.epoch(progress.results)
 

@@ -30,7 +30,8 @@ from jaxmnist.commands.kit import (
 from jaxmnist.config import SettingsError, TrainConfig
 
 PROG = "python -m jaxmnist.train"
-RUN_FLAGS = {"num_devices": "--devices", "platform": "--platform"}
+RUN_FLAGS = {"num_devices": "--devices", "platform": "--platform", "train_data": "the training set",
+             "test_data": "the test set"}  # fmt: skip
 
 
 def config_flags() -> dict[str, str]:
@@ -181,8 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The run's settings from the parsed flags."""
-    return TrainConfig(**{field.name: getattr(args, field.name) for field in dataclasses.fields(TrainConfig)})
+    """The run's settings from the parsed flags; a model file's path made absolute, so that saved files
+    find it from any folder."""
+    from jaxmnist.model_source import absolute_spec
+
+    values = {field.name: getattr(args, field.name) for field in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{**values, "model": values["model"] and absolute_spec(values["model"])})
 
 
 def _check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -214,12 +219,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from jaxmnist.commands.training import OutputError, run
     from jaxmnist.data import DataError
     from jaxmnist.loop import DivergenceError
+    from jaxmnist.model_source import ModelSpecError
     from jaxmnist.parallel import DeviceError
+    from jaxmnist.runs import RunError
 
     try:
         with GracefulStop() as stop:
             return run_in_worker(run, args, argv, config, stop)
-    except (DataError, CheckpointError, OutputError, DivergenceError, DeviceError, SettingsError) as error:
+    except (DataError, CheckpointError, OutputError, DivergenceError, DeviceError, SettingsError, ModelSpecError,
+            RunError) as error:  # fmt: skip
         report_error(error, flags, args.debug)
         return EXIT_FAILURE if isinstance(error, DivergenceError) else EXIT_BAD_INPUT
     except KeyboardInterrupt:

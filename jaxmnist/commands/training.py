@@ -80,24 +80,27 @@ def check_outputs(args: argparse.Namespace) -> None:
         raise OutputError(f"--plot {args.plot}: use a .png, .pdf or .svg file name")
 
 
-def describe(config: TrainConfig, num_images: int, mesh) -> str:
-    """One line: the model, the optimization, the data and the devices."""
+def describe(config: TrainConfig, num_images: int, mesh, model_name: str, num_params: int) -> str:
+    """One line: the model and its size, the optimization, the data and the devices."""
     from jaxmnist.parallel import padded_batch_width
 
     device = mesh.devices.flat[0]
+    dropout = f", dropout {config.dropout}" if config.dropout else ""
     layers = "-".join(str(size) for size in (784, *config.hidden_sizes, 10))
+    model = f"MLP {layers} ({config.activation}, {config.weight_init} init{dropout})"
+    if config.model is not None:
+        model = f"{model_name} from {config.model}"
     where = f"{device.platform} ({device.device_kind})"
     if mesh.size > 1:
         width = padded_batch_width(config.batch_size, mesh)
         where = f"{mesh.size} {where} devices, {width // mesh.size} images of each batch per device"
     schedule = "" if config.schedule == "constant" else f" ({config.schedule} schedule)"
     held_out = f" ({config.val_split} held out for validation)" if config.val_split else ""
-    dropout = f", dropout {config.dropout}" if config.dropout else ""
     epochs = f"{config.epochs} epoch{'s' if config.epochs != 1 else ''}"
     if config.seeds > 1:
         where += f", {config.seeds} seeds ({config.seed}..{config.seed + config.seeds - 1}) in one program"
     return (
-        f"MLP {layers} ({config.activation}, {config.weight_init} init{dropout}), {config.loss} loss, "
+        f"{model}, {num_params:,} parameters, {config.loss} loss, "
         f"{OPTIMIZER_NAMES[config.optimizer]} lr {config.learning_rate}{schedule}, batch {config.batch_size}, "
         f"{epochs}, {num_images - config.val_split} training images{held_out}, {config.dtype} on {where}"
     )
@@ -128,11 +131,12 @@ def run(args: argparse.Namespace, argv: list[str], config: TrainConfig, stop: Gr
         return _train(args, argv, config, mesh, stop, writer=False)
 
 
-def _resume(args: argparse.Namespace, config: TrainConfig, num_train_images: int):
-    """The checkpoint to continue from, saying which damaged ones were passed over; None: a new run."""
+def _resume(args: argparse.Namespace, config: TrainConfig, template):
+    """The checkpoint to continue from (restored onto ``template``, the run's own initial state), saying which
+    damaged ones were passed over; None: a new run."""
     from jaxmnist.checkpoint import resume
 
-    restored, damaged = resume(args.checkpoint_dir, config, num_train_images)
+    restored, damaged = resume(args.checkpoint_dir, config, template)
     for line in damaged:
         print(f"warning: skipping damaged checkpoint {line}", file=sys.stderr, flush=True)
     if restored is None:
@@ -171,21 +175,26 @@ def _say_how_it_ended(config: TrainConfig, history, args: argparse.Namespace) ->
 def _train(
     args: argparse.Namespace, argv: list[str], config: TrainConfig, mesh, stop: GracefulStop, writer: bool
 ) -> int:
-    from jaxmnist.checkpoint import checkpoint_path, params_file_bytes, save_checkpoint
-    from jaxmnist.commands.reporting import OutputWriteError, write_output
+    from jaxmnist.checkpoint import checkpoint_path, save_checkpoint
+    from jaxmnist.commands.reporting import OutputWriteError, saved_model_bytes, write_output
     from jaxmnist.config import check_against_data, steps_per_epoch
-    from jaxmnist.loop import early_stop_due, fit
+    from jaxmnist.loop import early_stop_due, fit, start_of_run
+    from jaxmnist.model import count_params
+    from jaxmnist.runs import build_run, check_images
 
     if writer:
         check_outputs(args)
     train_data, test_data = load_splits(args)
     num_train_images = len(train_data[0])
     check_against_data(config, num_train_images)
-    restored = _resume(args, config, num_train_images) if args.resume else None
-    start = restored.progress if restored else None
+    run = build_run(config, check_images(train_data[0], "train_data"), num_train_images)
+    fresh = start_of_run(config, run)
+    restored = _resume(args, config, fresh.state) if args.resume else None
+    start = restored.progress if restored else fresh
     stop.arm()  # from the header line on, a first signal stops at a step boundary and saves
-    print(describe(config, num_train_images, mesh), flush=True)
-    if start is not None and (start.epoch > config.epochs or early_stop_due(start.history, config.early_stopping)):
+    num_params = count_params(fresh.state.params) // config.seeds
+    print(describe(config, num_train_images, mesh, run.model.name, num_params), flush=True)
+    if start.epoch > config.epochs or early_stop_due(start.history, config.early_stopping):
         print(
             f"nothing to do: the checkpoint has finished its run ({start.epoch - 1} epochs, --epochs {config.epochs})"
         )
@@ -204,6 +213,7 @@ def _train(
                 steps_per_call=args.checkpoint_every,
                 max_loss=args.max_loss,
                 mesh=mesh if mesh.size > 1 else None,
+                model=run.model,
             )
             for progress in steps:
                 # The metrics record goes first: a kill before the checkpoint redoes the epoch, and the
@@ -223,7 +233,7 @@ def _train(
         if progress is not None:
             _say_how_it_ended(config, progress.history, args)
         if args.save is not None and progress is not None:
-            write_output(args.save, params_file_bytes(config, progress.state.params))
+            write_output(args.save, saved_model_bytes(config, progress.state))
             print(f"trained parameters written to {args.save}")
     except OutputWriteError as error:
         _report_write_failure(error, saved_at, argv, args.checkpoint_dir is not None)

@@ -1,0 +1,69 @@
+"""Settings -> objects: the lesson's model and the optax optimizer that a ``TrainConfig`` describes.
+
+The one bridge from settings to objects; ``jaxmnist.runs`` uses it when the caller gives no model or
+optimizer of its own.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import optax
+
+from jaxmnist.config import DEFAULT_MOMENTUM, DEFAULT_WEIGHT_DECAY, TrainConfig, steps_per_epoch
+from jaxmnist.model import ACTIVATIONS, MLP
+
+
+def build_model(config: TrainConfig) -> MLP:
+    """The MLP that ``config`` describes.
+
+    Example:
+        >>> build_model(TrainConfig(hidden_sizes=(32,))).hidden_sizes
+        (32,)
+    """
+    return MLP(
+        hidden_sizes=config.hidden_sizes,
+        activation=ACTIVATIONS[config.activation],
+        weight_init=config.weight_init,
+        param_dtype=jnp.dtype(config.dtype),
+        dropout_rate=config.dropout,
+    )
+
+
+def learning_rate_schedule(config: TrainConfig, total_steps: int) -> float | optax.Schedule:
+    """The learning rate, or its schedule over the run's ``total_steps``."""
+    if config.schedule == "constant":
+        return config.learning_rate
+    if config.schedule == "cosine":
+        return optax.cosine_decay_schedule(config.learning_rate, total_steps)
+    return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, config.warmup_steps, total_steps)
+
+
+def build_optimizer(config: TrainConfig, num_train_images: int) -> optax.GradientTransformation:
+    """The optax optimizer that ``config`` describes; a scheduled one exposes its learning rate.
+
+    Args:
+        config: the run's settings.
+        num_train_images: the training set's size before the held-out images (schedules span the run).
+
+    Returns:
+        The optimizer; with a schedule, ``optax.inject_hyperparams`` of it, so every step reports its rate.
+
+    Example:
+        >>> optimizer = build_optimizer(TrainConfig(optimizer="adam", schedule="cosine"), 60_000)
+        >>> float(optimizer.init({"w": jnp.zeros(2)}).hyperparams["learning_rate"])
+        0.003
+    """
+
+    def make(learning_rate: float | optax.Schedule) -> optax.GradientTransformation:
+        momentum = DEFAULT_MOMENTUM if config.momentum is None else config.momentum
+        if config.optimizer in ("momentum", "nesterov"):
+            return optax.sgd(learning_rate, momentum=momentum, nesterov=config.optimizer == "nesterov")
+        if config.optimizer == "adam":
+            return optax.adam(learning_rate)
+        if config.optimizer == "adamw":
+            decay = DEFAULT_WEIGHT_DECAY if config.weight_decay is None else config.weight_decay
+            return optax.adamw(learning_rate, weight_decay=decay)
+        return optax.sgd(learning_rate)
+
+    learning_rate = learning_rate_schedule(config, config.epochs * steps_per_epoch(config, num_train_images))
+    return make(learning_rate) if config.schedule == "constant" else optax.inject_hyperparams(make)(learning_rate)

@@ -88,6 +88,7 @@ def save_checkpoint(directory: PathArg, config: TrainConfig, progress: Progress,
         "state": serialization.to_state_dict(progress.state),
         "step_losses": np.asarray(progress.step_losses),
         "step_accuracies": np.asarray(progress.step_accuracies),
+        "step_metrics": {name: np.asarray(values) for name, values in progress.step_metrics.items()},
         "data_key": np.asarray(jax.random.key_data(run_keys(config.seed)[1])),
         "results": json.dumps([dataclasses.asdict(result) for result in progress.history]),
     }
@@ -164,6 +165,7 @@ def restore_progress(path: PathArg, config: TrainConfig, template: TrainState) -
             position=int(payload["position"]),
             step_losses=np.asarray(payload["step_losses"]),
             step_accuracies=np.asarray(payload["step_accuracies"]),
+            step_metrics={name: np.asarray(values) for name, values in (payload.get("step_metrics") or {}).items()},
             history=tuple(EpochResult(**values) for values in json.loads(payload.get("results", "[]"))),
         )
     except (KeyError, ValueError, TypeError) as error:

@@ -62,6 +62,7 @@ class EpochResult:
     learning_rate: float | None = None
     val_loss: float | None = None
     val_accuracy: float | None = None
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # the loss's own, epoch means
 
 
 def best_epoch(history: Sequence[EpochResult]) -> EpochResult | None:
@@ -101,6 +102,7 @@ class Progress:
     step_accuracies: np.ndarray
     results: tuple[EpochResult, ...] = ()
     history: tuple[EpochResult, ...] = ()
+    step_metrics: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # the loss's own, per step
 
     @property
     def result(self) -> EpochResult | None:
@@ -121,7 +123,9 @@ class Progress:
         if not self.epoch_done:
             return self
         empty_losses, empty_accuracies = self.step_losses[..., :0], self.step_accuracies[..., :0]
-        return Progress(self.state, self.epoch + 1, 0, empty_losses, empty_accuracies, history=self.history)
+        empty_metrics = {name: values[..., :0] for name, values in self.step_metrics.items()}
+        return Progress(self.state, self.epoch + 1, 0, empty_losses, empty_accuracies, history=self.history,
+                        step_metrics=empty_metrics)  # fmt: skip
 
 
 class DivergenceError(ArithmeticError):
@@ -140,6 +144,11 @@ def start_of_run(config: TrainConfig, run: Run) -> Progress:
     """The progress of ``run`` before its first step."""
     empty = np.zeros((config.seeds, 0) if config.seeds > 1 else 0, np.dtype(config.dtype))
     return Progress(initial_state(config, run), epoch=1, position=0, step_losses=empty, step_accuracies=empty)
+
+
+def _append_steps(done: np.ndarray, new: jax.Array | np.ndarray, seeds: int) -> np.ndarray:
+    """``done``'s per-step values followed by ``new``'s: ``(steps,)`` for one seed, ``(seeds, steps)`` for several."""
+    return np.concatenate([per_seed(done, seeds), per_seed(new, seeds)], axis=1).reshape(*done.shape[:-1], -1)
 
 
 def _check_divergence(losses: np.ndarray, max_loss: float, epoch: int, position: int, seeds: list[int]) -> None:
@@ -180,6 +189,10 @@ def _epoch_results(
             learning_rate=None if learning_rates is None else float(learning_rates[row]),
             val_loss=float(values["val_loss"][row]) if "val_loss" in values else None,
             val_accuracy=float(values["val_accuracy"][row]) if "val_accuracy" in values else None,
+            metrics={
+                name: float(np.mean(per_seed(steps, len(seeds))[row], dtype=np.float64))
+                for name, steps in progress.step_metrics.items()
+            },
         )
         for row, seed in enumerate(seeds)
     )
@@ -244,6 +257,11 @@ def fit(
     run = build_run(config, image_shape, len(train_data[0]), model, optimizer, loss)
     progress = start_of_run(config, run) if start is None else start
     one_seed_state = progress.state if config.seeds == 1 else jax.tree.map(lambda leaf: leaf[0], progress.state)
+    if mesh is not None and config.seeds == 1 and config.batch_size % mesh.size and one_seed_state.collections:
+        raise RunError(
+            f"`batch_size`={config.batch_size} does not divide over `num_devices`={mesh.size}: its padding slots "
+            f"would enter the model's carried statistics (e.g. BatchNorm); use a batch size divisible by {mesh.size}"
+        )
     check_labels(count_classes(one_seed_state, image_shape), {"train_data": train_data[1], "test_data": test_data[1]})
     train_data, val_data = hold_out(config, *train_data)
     seeds = seed_values(config)
@@ -273,16 +291,24 @@ def fit(
             seconds += time.perf_counter() - started
             _check_divergence(losses, max_loss, progress.epoch, progress.position, seeds)
             accuracies = per_seed(metrics["accuracy"], len(seeds))
-            step_losses = np.concatenate([per_seed(progress.step_losses, len(seeds)), losses], axis=1)
-            step_accuracies = np.concatenate([per_seed(progress.step_accuracies, len(seeds)), accuracies], axis=1)
-            shape = (*progress.step_losses.shape[:-1], -1)  # (steps,) for one seed, (seeds, steps) for several
+            step_losses = _append_steps(progress.step_losses, losses, len(seeds))
+            step_accuracies = _append_steps(progress.step_accuracies, accuracies, len(seeds))
+            own = {
+                name: values for name, values in metrics.items() if name not in ("loss", "accuracy", "learning_rate")
+            }
+            empty = progress.step_losses[..., :0]
+            step_metrics = {
+                name: _append_steps(progress.step_metrics.get(name, empty), values, len(seeds))
+                for name, values in own.items()
+            }
             progress = Progress(
                 state,
                 progress.epoch,
                 progress.position + num_steps,
-                step_losses.reshape(shape),
-                step_accuracies.reshape(shape),
+                step_losses,
+                step_accuracies,
                 history=progress.history,
+                step_metrics=step_metrics,
             )
             if progress.position == steps_per_epoch:
                 images_trained = min((steps_per_epoch - first_position) * config.batch_size, len(images))

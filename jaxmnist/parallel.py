@@ -2,7 +2,9 @@
 
 Under ``jax.jit`` XLA partitions each step from these annotations alone: every device gathers and
 trains on its slice of the batch, and the gradient mean becomes an all-reduce. A batch that does not
-divide by the device count is padded with masked slots, so the mathematics stays that of one device.
+divide by the device count is padded with masked slots, so the loss and gradients stay those of one
+device (a model with carried statistics such as BatchNorm is refused such a batch: the statistics would
+see the padding).
 """
 
 from __future__ import annotations

@@ -58,6 +58,7 @@ def test_resuming_mid_epoch_gives_the_same_losses_and_bit_identical_params(small
         assert resumed[-1].result.train_loss == uninterrupted[-1].result.train_loss
 
 
+@pytest.mark.slow
 def test_a_crash_while_writing_leaves_the_previous_checkpoint_loadable(small_data, tmp_path: Path, monkeypatch):
     first, second = kept(fit(SMALL, *small_data, steps_per_call=3))[:2]
     good = save_checkpoint(tmp_path, SMALL, first)
@@ -73,6 +74,7 @@ def test_a_crash_while_writing_leaves_the_previous_checkpoint_loadable(small_dat
     restore_progress(good, SMALL, template_state(SMALL, 200))
 
 
+@pytest.mark.slow
 def test_only_the_newest_k_checkpoints_are_kept(small_data, tmp_path: Path):
     for progress in fit(SMALL, *small_data, steps_per_call=2):
         save_checkpoint(tmp_path, SMALL, progress, keep=2)

@@ -96,6 +96,7 @@ def digits():
     return make_digits(192, seed=11), make_digits(40, seed=12)
 
 
+@pytest.mark.slow
 def test_fit_trains_a_batchnorm_dropout_cnn_exactly_as_train_epoch_does(models_file: Path, digits):
     cnn = load_model(f"{models_file}:CNN")
     (images, labels), test = digits
@@ -114,6 +115,7 @@ def test_fit_trains_a_batchnorm_dropout_cnn_exactly_as_train_epoch_does(models_f
     assert last[-1].result.learning_rate is None  # adam without inject_hyperparams does not say its rate
 
 
+@pytest.mark.slow
 def test_an_injected_optimizer_reports_the_rate_it_used(digits):
     schedule = optax.linear_schedule(0.1, 0.0, 12)
     optimizer = optax.inject_hyperparams(optax.sgd)(learning_rate=schedule)
@@ -122,6 +124,7 @@ def test_an_injected_optimizer_reports_the_rate_it_used(digits):
     assert [result.learning_rate for result in results] == pytest.approx([float(schedule(5)), float(schedule(11))])
 
 
+@pytest.mark.slow
 def test_each_seed_of_an_nnx_factory_starts_from_its_own_weights_and_equals_its_run_alone(models_file, digits):
     tiny = load_model(f"{models_file}:tiny")
     seeds = list(fit(TrainConfig(epochs=1, batch_size=32, seeds=2, seed=3), *digits, model=tiny))[-1]
@@ -142,6 +145,7 @@ def test_an_nnx_instance_is_one_initialization_and_refused_for_several_seeds(mod
         next(fit(TrainConfig(epochs=1, seeds=2), *digits, model=instance))
 
 
+@pytest.mark.slow
 def test_images_of_any_size_take_their_input_shape_from_the_data():
     images, labels = np.zeros((64, 12, 10, 3), np.uint8), np.arange(64) % 4
     progress = list(fit(TrainConfig(epochs=1, batch_size=16), (images, labels), (images[:8], labels[:8])))[-1]
@@ -180,6 +184,7 @@ def _flags(data_dir: Path, models_file: Path, *extra: str) -> list[str]:
             "--model", f"{models_file}:CNN", *extra]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_the_command_trains_your_model_with_validation_saving_and_predict(
     small_mnist_dir: Path, models_file: Path, tmp_path: Path, capsys
 ):
@@ -207,6 +212,7 @@ def test_the_command_trains_your_model_with_validation_saving_and_predict(
     assert predicted == [int(label) for label in np.argmax(logits, axis=1)]
 
 
+@pytest.mark.slow
 def test_a_moved_or_changed_model_file_is_refused_by_predict(small_mnist_dir, models_file, tmp_path: Path, capsys):
     saved = tmp_path / "params.msgpack"
     assert main(_flags(small_mnist_dir, models_file, "--epochs", "1", "--save", str(saved))) == 0
@@ -222,6 +228,7 @@ def test_a_moved_or_changed_model_file_is_refused_by_predict(small_mnist_dir, mo
     assert f"no such file {models_file}" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_resuming_your_model_after_a_stop_is_bit_identical(small_mnist_dir, models_file, tmp_path: Path):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     common = ["--optimizer", "adam", "--checkpoint-every", "7", "--seeds", "2"]
@@ -259,6 +266,7 @@ def test_bad_models_are_one_line_exit_2_before_training(small_mnist_dir, models_
     assert re.search(message, captured.err), captured.err
 
 
+@pytest.mark.slow
 def test_resuming_with_another_model_is_refused(small_mnist_dir, models_file, tmp_path: Path, capsys):
     folder = str(tmp_path / "ck")
     assert main(_flags(small_mnist_dir, models_file, "--epochs", "1", "--checkpoint-dir", folder)) == 0

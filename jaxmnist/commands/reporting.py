@@ -26,10 +26,10 @@ def epoch_lines(result: EpochResult, config: TrainConfig, previous: EpochResult 
     validation = ""
     if result.val_loss is not None:
         validation = f"val loss {result.val_loss:.4f}, val accuracy {result.val_accuracy:.4f}, "
-    rate = ""
+    rate = "".join(f"{name} {value:.4g}, " for name, value in result.metrics.items())
     previous_rate = config.learning_rate if previous is None else previous.learning_rate
     if result.learning_rate is not None and (config.schedule != "constant" or result.learning_rate != previous_rate):
-        rate = f"lr {result.learning_rate:.6g}, "
+        rate += f"lr {result.learning_rate:.6g}, "
     return (
         f"{compiled}Training loss: {result.train_loss}\n"
         f"  epoch {result.epoch}/{config.epochs}: test loss {result.test_loss:.4f}, "

@@ -53,6 +53,9 @@ class TensorBoardLog:
             if len(results) > 1:
                 self.writer.add_scalar(f"epoch/{name}_min", min(values), results[0].epoch)
                 self.writer.add_scalar(f"epoch/{name}_max", max(values), results[0].epoch)
+        for name in results[0].metrics:  # the loss's own metrics, the mean of the seeds'
+            mean = float(np.mean([result.metrics[name] for result in results]))
+            self.writer.add_scalar(f"epoch/{name}", mean, results[0].epoch)
         self.writer.flush()
 
     def close(self, history: tuple[EpochResult, ...]) -> None:

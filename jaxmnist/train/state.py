@@ -7,6 +7,7 @@ flax linen module or an NNX module, see ``jaxmnist.train.adapters``).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -18,9 +19,11 @@ from flax.training import train_state
 
 from jaxmnist.losses import LOSSES
 from jaxmnist.model import MLP
-from jaxmnist.train.adapters import Collections, LinenModel, ModelCall, NnxModel, Params
+from jaxmnist.train.adapters import Collections, LinenModel, ModelCall, NnxModel, Params, split_outputs
 
-LossFn = Callable[[jax.Array, jax.Array, "jax.Array | None"], jax.Array]
+LossFn = Callable[..., "jax.Array | tuple[jax.Array, dict[str, jax.Array]]"]
+# What a loss may take besides (logits, labels, mask), by keyword.
+LOSS_KEYWORDS = ("params", "batch", "outputs", "sown")
 
 # The state's key is fold_in(rng, STEP_KEY_SALT): the init key itself is left to the parameters.
 STEP_KEY_SALT = 2
@@ -34,7 +37,9 @@ class TrainState(train_state.TrainState):
             the non-parameter state for NNX); updated by every training step.
         key: raw PRNG key data (``uint32``); step ``s`` gives its stochastic layers
             ``fold_in(key, s)``, so a run is reproducible and no key is used twice.
-        loss_fn: ``loss_fn(logits, labels, mask)``, the (masked) mean loss of a batch.
+        loss_fn: ``loss_fn(logits, labels, mask, **keywords)``, the (masked) mean loss of a batch, or
+            ``(loss, metrics)`` with a dict of scalar metrics.
+        loss_keywords: which of ``params``, ``batch``, ``outputs``, ``sown`` the loss takes.
         model_call: how to call the model (``LinenModel`` or ``NnxModel``).
         image_shape: the shape of one input image the model was initialized with; batches are reshaped to it.
 
@@ -48,6 +53,7 @@ class TrainState(train_state.TrainState):
     collections: Collections = struct.field(default_factory=dict)
     key: jax.Array | None = None
     loss_fn: LossFn = struct.field(pytree_node=False, default=LOSSES["nll"])
+    loss_keywords: tuple[str, ...] = struct.field(pytree_node=False, default=())
     model_call: ModelCall | None = struct.field(pytree_node=False, default=None)
     image_shape: tuple[int, ...] = struct.field(pytree_node=False, default=(28, 28))
 
@@ -58,8 +64,10 @@ class TrainState(train_state.TrainState):
     def apply_model(
         self, images: jax.Array, *, train: bool = False, key: jax.Array | None = None
     ) -> tuple[jax.Array, Collections]:
-        """The model's logits on ``images`` and its updated collections (unchanged unless ``train``)."""
-        return self.model_call(self.params, self.collections, images, train=train, key=key)
+        """The model's logits on ``images`` and its updated collections (unchanged unless ``train``); a
+        model's extra outputs and sown values are left out (``train_step`` gives them to the loss)."""
+        outputs, collections, _ = self.model_call(self.params, self.collections, images, train=train, key=key)
+        return split_outputs(outputs)[0], collections
 
     def nnx_module(self) -> nnx.Module:
         """The trained NNX module (for research code that continues in NNX); only for NNX models."""
@@ -72,9 +80,39 @@ def _typed_key(rng: jax.Array) -> jax.Array:
     return rng if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(rng)
 
 
-def _init_linen(model: LinenModel, rng: jax.Array, input_shape: tuple[int, ...]) -> tuple[Params, Collections]:
+def _init_linen(
+    model: LinenModel, rng: jax.Array, input_shape: tuple[int, ...]
+) -> tuple[LinenModel, Params, Collections]:
     sample_dtype = getattr(model.module, "param_dtype", jnp.float32)
     return model.init(rng, jnp.zeros(input_shape, sample_dtype))
+
+
+def loss_keywords(loss_fn: Callable) -> tuple[str, ...]:
+    """Which of ``LOSS_KEYWORDS`` ``loss_fn`` takes, from its signature; ``TypeError`` naming a parameter
+    beyond ``(logits, labels, mask)`` that is none of them and has no default.
+
+    Example:
+        >>> def penalized(logits, labels, mask=None, *, params): ...
+        >>> loss_keywords(penalized)
+        ('params',)
+    """
+    try:
+        parameters = list(inspect.signature(loss_fn).parameters.values())
+    except (TypeError, ValueError):  # builtins and some C callables: called with (logits, labels, mask)
+        return ()
+    taken = []
+    for parameter in parameters[3:]:
+        if parameter.name in LOSS_KEYWORDS:
+            taken.append(parameter.name)
+        elif parameter.default is parameter.empty and parameter.kind not in (
+            parameter.VAR_POSITIONAL,
+            parameter.VAR_KEYWORD,
+        ):
+            raise TypeError(
+                f"`loss` parameter {parameter.name!r} cannot be given: a loss takes (logits, labels, mask) and "
+                f"any of the keywords {', '.join(LOSS_KEYWORDS)}"
+            )
+    return tuple(taken)
 
 
 def create_train_state(
@@ -98,7 +136,11 @@ def create_train_state(
             ``MultiSteps``); default ``optax.sgd(learning_rate)``.
         learning_rate: the default optimizer's learning rate.
         loss: ``"nll"`` (LogSoftmax + NLLLoss, the lesson's), ``"ce"`` (CrossEntropyLoss on logits) or any
-            ``loss_fn(logits, labels, mask)``.
+            ``loss_fn(logits, labels, mask)``, which may also take the keywords ``params`` (the parameters
+            being differentiated), ``batch`` (the whole batch dict), ``outputs`` (what the model returns
+            beside its logits when it returns ``(logits, extra)``) and ``sown`` (the collections it sowed
+            in this step), found here from its signature; it returns the loss, or ``(loss, metrics)``
+            with a dict of scalars that join the step's metrics.
         input_shape: the shape of a batch of images the model takes, e.g. ``(1, 28, 28, 1)`` for a CNN.
         params: parameters to use instead of the model's own (e.g. weights copied from PyTorch).
 
@@ -107,6 +149,7 @@ def create_train_state(
 
     Raises:
         ModelCallError: the model's ``__call__`` needs an argument jaxmnist cannot give.
+        TypeError: the loss takes a parameter that cannot be given (named).
 
     Example:
         >>> import jax, optax
@@ -119,17 +162,18 @@ def create_train_state(
     if isinstance(model, nnx.Module):
         model_call, own_params, collections = NnxModel.wrap(model)
     elif isinstance(model, nn.Module):
-        model_call = LinenModel.wrap(model)
-        own_params, collections = _init_linen(model_call, rng, input_shape)
+        model_call, own_params, collections = _init_linen(LinenModel.wrap(model), rng, input_shape)
     else:
         raise TypeError(f"`model` must be a flax.linen.Module or an nnx.Module, got {type(model).__name__}")
+    loss_fn = LOSSES[loss] if isinstance(loss, str) else loss
     state = TrainState.create(
         apply_fn=model_call.apply_fn,
         params=own_params if params is None else params,
         tx=optax.sgd(learning_rate) if optimizer is None else optimizer,
         collections=collections,
         key=jax.random.key_data(jax.random.fold_in(rng, STEP_KEY_SALT)),
-        loss_fn=LOSSES[loss] if isinstance(loss, str) else loss,
+        loss_fn=loss_fn,
+        loss_keywords=loss_keywords(loss_fn),
         model_call=model_call,
         image_shape=tuple(input_shape[1:]),
     )

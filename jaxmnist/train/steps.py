@@ -17,10 +17,49 @@ from jax.sharding import Mesh
 from jaxmnist.losses import accuracy
 from jaxmnist.normalization import normalize
 from jaxmnist.parallel import padded_batch_width, shard_batch
+from jaxmnist.train.adapters import ANY_KEYWORD, split_outputs
 from jaxmnist.train.state import TrainState, current_learning_rate, param_dtype
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
+# Keys of a batch that train_step itself reads; any other goes to the model (by keyword) or the loss.
+_BATCH_KEYS = ("image", "label", "mask")
+_STEP_METRICS = ("loss", "accuracy", "learning_rate")
+
+
+def metric_precision(logits: jax.Array) -> jax.Array:
+    """``logits`` in float32 at least (float64 stays): losses, accuracies and their means are never taken in a
+    low-precision compute dtype such as bfloat16, whose accuracy would move in steps of 1/256."""
+    return logits if jnp.finfo(logits.dtype).bits >= 32 else logits.astype(jnp.float32)
+
+
+def _model_inputs(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
+    """The batch's other entries: each goes to the model when its ``__call__`` takes it by keyword, and to a
+    loss that takes ``batch``; one that neither takes is refused (at trace time), never dropped."""
+    extra = {name: value for name, value in batch.items() if name not in _BATCH_KEYS}
+    signature = getattr(state.model_call, "signature", None)
+    model_takes = frozenset() if signature is None else signature.keywords
+    for name in extra:
+        if model_takes != ANY_KEYWORD and name not in model_takes and "batch" not in state.loss_keywords:
+            raise ValueError(
+                f"batch[{name!r}] is taken neither by the model's __call__ (as a keyword) nor by the loss "
+                "(give the loss a `batch` keyword to see it); remove it or use it"
+            )
+    return extra
+
+
+def _loss_and_metrics(result) -> tuple[jax.Array, Metrics]:
+    """A loss's return value, ``loss`` or ``(loss, metrics)``, as both, the metrics as float32-or-wider scalars."""
+    loss, metrics = result if isinstance(result, tuple) else (result, {})
+    for name in metrics:
+        if name in _STEP_METRICS:
+            raise ValueError(f"the loss's metric {name!r} has the name of a step metric: call it something else")
+    return loss, {name: _as_metric(value) for name, value in metrics.items()}
+
+
+def _as_metric(value) -> jax.Array:
+    value = jnp.asarray(value)
+    return metric_precision(value) if jnp.issubdtype(value.dtype, jnp.floating) else value.astype(jnp.float32)
 
 
 def _check_batch(batch: Batch, image_shape: tuple[int, ...]) -> jax.Array:
@@ -46,18 +85,25 @@ def _check_batch(batch: Batch, image_shape: tuple[int, ...]) -> jax.Array:
 def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     """One optimizer step: ``jax.value_and_grad`` of the batch loss, then the optimizer's update.
 
-    The model runs in training mode: its collections (e.g. BatchNorm statistics) are updated, and its
-    stochastic layers get ``state.step_key()``.
+    The model runs in training mode: its carried collections (e.g. BatchNorm statistics) are updated,
+    its stochastic layers get ``state.step_key()``, and what it sows in this step goes to the loss
+    (``sown``), never into the state. A model may return its logits or ``(logits, extra)``. The loss,
+    accuracy and metric values are computed in float32 or wider whatever the model's compute dtype.
+
+    The step cannot check the labels against the model's classes (a label out of range gives a NaN
+    loss here): ``fit`` and the train command check them before the first step.
 
     Args:
         state: the train state.
         batch: ``image`` (normalized, ``(B, 28, 28)`` or ``(B, 784)``, or the shape the model was
-            initialized with), ``label`` (int ``(B,)``) and optionally ``mask`` (``(B,)``, 0 for padding).
+            initialized with), ``label`` (int ``(B,)``), optionally ``mask`` (``(B,)``, 0 for padding),
+            and any other entry: given to the model when its ``__call__`` takes it as a keyword, and to a
+            loss that takes ``batch``; one that neither takes is refused, naming it.
 
     Returns:
         The new state and the batch's ``loss`` and ``accuracy`` (with the parameters before the update,
         as PyTorch's loop reports them), plus ``learning_rate`` when the optimizer exposes it
-        (``optax.inject_hyperparams``).
+        (``optax.inject_hyperparams``), plus the metrics a loss returns as ``(loss, metrics)``.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -70,14 +116,18 @@ def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     """
     images = _check_batch(batch, state.image_shape)
     labels, mask = batch["label"], batch.get("mask")
+    inputs = _model_inputs(state, batch)
     key = state.step_key()
 
     def loss_and_outputs(params):
-        logits, collections = state.model_call(params, state.collections, images, train=True, key=key)
-        return state.loss_fn(logits, labels, mask), (logits, collections)
+        loss, logits, collections, loss_metrics = _forward(state, params, images, batch, train=True, key=key,
+                                                           inputs=inputs)  # fmt: skip
+        return loss, (logits, collections, loss_metrics)
 
-    (loss, (logits, collections)), grads = jax.value_and_grad(loss_and_outputs, has_aux=True)(state.params)
-    metrics = {"loss": loss, "accuracy": accuracy(logits, labels, mask)}
+    (loss, (logits, collections, loss_metrics)), grads = jax.value_and_grad(loss_and_outputs, has_aux=True)(
+        state.params
+    )
+    metrics = {"loss": loss, "accuracy": accuracy(logits, labels, mask), **loss_metrics}
     new_state = state.apply_gradients(grads=grads, collections=collections)
     # inject_hyperparams stores the value it has just used in the updated optimizer state.
     learning_rate = current_learning_rate(new_state.opt_state)
@@ -106,9 +156,26 @@ def evaluate(state: TrainState, images: jax.Array, labels: jax.Array, mask: jax.
         >>> sorted(metrics)
         ['accuracy', 'loss']
     """
-    images = _check_batch({"image": images, "label": labels}, state.image_shape)
-    logits, _ = state.model_call(state.params, state.collections, images, train=False, key=None)
-    return {"loss": state.loss_fn(logits, labels, mask), "accuracy": accuracy(logits, labels, mask)}
+    batch = {"image": images, "label": labels, **({} if mask is None else {"mask": mask})}
+    images = _check_batch(batch, state.image_shape)
+    loss, logits, _, _ = _forward(state, state.params, images, batch, train=False, key=None, inputs={})
+    return {"loss": loss, "accuracy": accuracy(logits, labels, mask)}
+
+
+def _forward(state: TrainState, params, images: jax.Array, batch: Batch, *, train: bool, key: jax.Array | None,
+             inputs: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array, dict, Metrics]:  # fmt: skip
+    """The model on ``images``, then the loss with the keywords it takes: ``(loss, logits, collections,
+    loss metrics)``, the logits in float32 or wider."""
+    outputs, collections, sown = state.model_call(params, state.collections, images, train=train, key=key,
+                                                  inputs=inputs)  # fmt: skip
+    logits, extra = split_outputs(outputs)
+    logits = metric_precision(logits)
+    given = {"params": params, "batch": batch, "outputs": extra, "sown": sown}
+    result = state.loss_fn(
+        logits, batch["label"], batch.get("mask"), **{name: given[name] for name in state.loss_keywords}
+    )
+    loss, loss_metrics = _loss_and_metrics(result)
+    return loss, logits, collections, loss_metrics
 
 
 def num_batches(num_examples: int, batch_size: int) -> int:
@@ -144,6 +211,11 @@ def _scan_steps(
     state: TrainState, images: jax.Array, labels: jax.Array, indices: jax.Array, mask: jax.Array, mesh: Mesh | None
 ) -> tuple[TrainState, Metrics]:
     """``lax.scan`` of ``train_step`` over batches given as rows of ``indices`` into the device data."""
+    if images.dtype != jnp.uint8:
+        raise TypeError(
+            f"`images` must be the uint8 data set, got {images.dtype}: each batch is gathered and normalized "
+            "here (float images would be normalized twice); for batches you normalized, call train_step"
+        )
     dtype = param_dtype(state)
 
     def step(state, batch_indices_and_mask):
@@ -166,8 +238,9 @@ def train_epoch(
 
     Args:
         state: the train state; donated, use the returned one.
-        images: the uint8 ``(N, 28, 28)`` data set resident on the device; each batch is gathered and
-            normalized inside the compiled program.
+        images: the uint8 ``(N, H, W[, C])`` data set resident on the device; each batch is gathered and
+            normalized inside the compiled program (float images are refused: they would be normalized
+            twice).
         labels: int labels ``(N,)``.
         key: the key of this epoch's shuffle.
         batch_size: images per step; the last batch is padded and masked.
@@ -185,8 +258,19 @@ def train_epoch(
         >>> metrics["loss"].shape
         (2,)
     """
+    check_padding_leaves_statistics_exact(state, batch_size, mesh)
     width = padded_batch_width(batch_size, mesh)
     return _scan_steps(state, images, labels, *epoch_batch_indices(key, images.shape[0], batch_size, width), mesh)
+
+
+def check_padding_leaves_statistics_exact(state: TrainState, batch_size: int, mesh: Mesh | None) -> None:
+    """``ValueError`` when a batch padded to divide over the devices would feed padding slots into the model's
+    carried statistics (BatchNorm's batch mean and variance see every slot, masked or not)."""
+    if mesh is not None and batch_size % mesh.size and state.collections:
+        raise ValueError(
+            f"`batch_size`={batch_size} does not divide over `num_devices`={mesh.size}: its padding slots would "
+            f"enter the model's carried statistics (e.g. BatchNorm); use a batch size divisible by {mesh.size}"
+        )
 
 
 @partial(jax.jit, static_argnames=("num_steps", "mesh"), donate_argnames="state")
@@ -206,7 +290,7 @@ def train_chunk(
 
     Args:
         state: the train state; donated, use the returned one.
-        images: the uint8 data set resident on the device.
+        images: the uint8 data set resident on the device (float images are refused, as by ``train_epoch``).
         labels: int labels ``(N,)``.
         indices: the epoch's batches as rows of example indices (``epoch_batch_indices``).
         mask: their padding mask.

@@ -192,6 +192,6 @@ def check_labels(classes: int, labels: Mapping[str, np.ndarray]) -> None:
         outside = values[(values < 0) | (values >= classes)]
         if outside.size:
             raise RunError(
-                f"label {outside[0]} in `{where}` is outside the model's {classes} classes [0, {classes}); "
-                f"{outside.size} label(s) are"
+                f"label {outside[0]} in `{where}` is outside the model's {classes} classes [0, {classes}) "
+                f"({outside.size} such label(s))"
             )

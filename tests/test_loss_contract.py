@@ -193,6 +193,26 @@ def test_a_loss_parameter_that_cannot_be_given_is_refused_when_the_state_is_crea
     with pytest.raises(TypeError, match="`loss` parameter 'teacher_logits' cannot be given"):
         create_train_state(jax.random.key(0), MLP(), loss=needs_teacher)
 
+    def without_mask(logits, labels, *, params):
+        return cross_entropy_loss(logits, labels)
+
+    with pytest.raises(TypeError, match=r"must take \(logits, labels, mask\) positionally"):
+        create_train_state(jax.random.key(0), MLP(), loss=without_mask)
+
+    def takes_everything(logits, labels, mask=None, **keywords):
+        return cross_entropy_loss(logits, labels, mask)
+
+    state = create_train_state(jax.random.key(0), MLP(), loss=takes_everything)
+    assert state.loss_keywords == ("params", "batch", "outputs", "sown")
+
+
+def test_a_loss_metric_must_be_a_scalar_with_a_name_of_its_own(batches):
+    def vector_metric(logits, labels, mask=None):
+        return cross_entropy_loss(logits, labels, mask), {"per_class": jnp.mean(logits, axis=0)}
+
+    with pytest.raises(ValueError, match=r"metric 'per_class' must be a scalar, got shape \(10,\)"):
+        train_step(create_train_state(jax.random.key(0), MLP(), loss=vector_metric), batches[0])
+
 
 @pytest.mark.slow
 def test_the_loss_s_metrics_reach_the_epoch_result_as_epoch_means():

@@ -100,6 +100,11 @@ def loss_keywords(loss_fn: Callable) -> tuple[str, ...]:
         parameters = list(inspect.signature(loss_fn).parameters.values())
     except (TypeError, ValueError):  # builtins and some C callables: called with (logits, labels, mask)
         return ()
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) < 3 and not any(p.kind == p.VAR_POSITIONAL for p in parameters):
+        raise TypeError("`loss` must take (logits, labels, mask) positionally; give it a `mask=None` parameter")
+    if any(p.kind == p.VAR_KEYWORD for p in parameters):
+        return LOSS_KEYWORDS  # **kwargs: every keyword
     taken = []
     for parameter in parameters[3:]:
         if parameter.name in LOSS_KEYWORDS:

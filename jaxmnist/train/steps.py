@@ -51,9 +51,11 @@ def _model_inputs(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
 def _loss_and_metrics(result) -> tuple[jax.Array, Metrics]:
     """A loss's return value, ``loss`` or ``(loss, metrics)``, as both, the metrics as float32-or-wider scalars."""
     loss, metrics = result if isinstance(result, tuple) else (result, {})
-    for name in metrics:
+    for name, value in metrics.items():
         if name in _STEP_METRICS:
             raise ValueError(f"the loss's metric {name!r} has the name of a step metric: call it something else")
+        if jnp.shape(value) != ():
+            raise ValueError(f"the loss's metric {name!r} must be a scalar, got shape {jnp.shape(value)}")
     return loss, {name: _as_metric(value) for name, value in metrics.items()}
 
 

@@ -124,6 +124,7 @@ def test_flax_example_cnn_trains_through_train_step_and_train_epoch(digits):
     assert losses[-1] < 0.5 * losses[0]
 
 
+@pytest.mark.slow
 def test_batch_stats_update_in_training_and_are_used_in_evaluation(digits):
     images, labels = digits
     state = create_train_state(jax.random.key(0), BatchNormDropoutNet(), optax.adam(1e-2), loss="ce")

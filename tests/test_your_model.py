@@ -111,7 +111,9 @@ def test_fit_trains_a_batchnorm_dropout_cnn_exactly_as_train_epoch_does(models_f
                                      jax.random.fold_in(data_key, epoch), batch_size=32)  # fmt: skip
     chex.assert_trees_all_close(last[-1].state.params, state.params, rtol=1e-6, atol=1e-7)
     chex.assert_trees_all_close(last[-1].state.collections, state.collections, rtol=1e-6, atol=1e-7)
-    assert last[-1].result.train_loss == pytest.approx(float(np.mean(metrics["loss"], dtype=np.float64)), rel=1e-6)
+    assert last[-1].result.train_loss == pytest.approx(
+        float(np.mean(np.asarray(metrics["loss"]), dtype=np.float64)), rel=1e-6
+    )
     assert last[-1].result.learning_rate is None  # adam without inject_hyperparams does not say its rate
 
 

@@ -101,8 +101,10 @@ def from_object(model: Model | Callable[..., Model], spec: str | None = None) ->
             raise ModelSpecError(f"building {label} raised {type(error).__name__}: {first_line}") from error
         return _as_model(built, label)
 
-    name = type(build(jax.random.key(0))).__name__  # fails here, before any training, if it cannot build
-    return ModelSource(build, name, spec)
+    built = build(jax.random.key(0))  # fails here, before any training, if it cannot build
+    # An NNX module built without rngs has one initialization, whatever the seed: like an instance.
+    per_seed = isinstance(built, nn.Module) or _takes_rngs(model)
+    return ModelSource(build, type(built).__name__, spec, per_seed=per_seed)
 
 
 def _load_file(path: Path, spec: str) -> Any:

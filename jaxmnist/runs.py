@@ -19,7 +19,7 @@ import optax
 from jaxmnist.config import TrainConfig, check_against_data
 from jaxmnist.model_source import Model, ModelSource, from_object, load_model
 from jaxmnist.recipe import build_model, build_optimizer
-from jaxmnist.train import TrainState, create_train_state
+from jaxmnist.train import ModelCallError, TrainState, create_train_state
 from jaxmnist.train.state import LossFn
 
 # Salts for keys derived from the seed besides the init and data keys (which stay split(key(seed))).
@@ -133,7 +133,7 @@ def build_run(
         source = model if isinstance(model, ModelSource) else from_object(model)
     if config.seeds > 1 and not source.per_seed:
         raise RunError(
-            f"`model` is one built {source.name} instance: every seed would start from its weights; for "
+            f"`model` {source.name} is built without `rngs`: every seed would start from the same weights; for "
             "`seeds` > 1 give its class or a function that builds it from `rngs`"
         )
     return Run(
@@ -155,8 +155,19 @@ def initial_state(config: TrainConfig, run: Run) -> TrainState:
     for seed in seed_values(config):
         init_key = run_keys(seed)[0]
         module = run.model.build(init_key)
-        states.append(create_train_state(init_key, module, run.optimizer, loss=run.loss,
-                                         input_shape=(1, *run.image_shape)))  # fmt: skip
+        try:
+            state = create_train_state(
+                init_key, module, run.optimizer, loss=run.loss, input_shape=(1, *run.image_shape)
+            )
+        except (ModelCallError, TypeError) as error:  # a __call__ or a loss that cannot be called as asked
+            raise RunError(str(error)) from error
+        except Exception as error:  # the model's own code raised on images of the data's shape
+            first_line = str(error).splitlines()[0] if str(error) else ""
+            raise RunError(
+                f"{run.model.name} raised {type(error).__name__} when initialized on images of shape "
+                f"{run.image_shape}: {first_line}"
+            ) from error
+        states.append(state)
     if len(states) == 1:
         return states[0]
     # One calling convention for all seeds: an NNX model's is a new object per built module.

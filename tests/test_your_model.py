@@ -70,6 +70,20 @@ MODELS = textwrap.dedent(
             return nn.Dense(10)(images)  # (B, 28, 10): not (B, classes)
 
 
+    class NoRngs(nnx.Module):
+        def __init__(self):
+            self.out = nnx.Linear(784, 10, rngs=nnx.Rngs(0))
+
+        def __call__(self, images):
+            return self.out(images.reshape((images.shape[0], -1)))
+
+
+    class Raises(nn.Module):
+        @nn.compact
+        def __call__(self, images):
+            raise ValueError("not today")
+
+
     NOT_A_MODEL = 42
     """
 )
@@ -255,6 +269,8 @@ def test_resuming_your_model_after_a_stop_is_bit_identical(small_mnist_dir, mode
         ("{file}:broken", [], "building .* raised RuntimeError: no weights today"),
         ("{file}:Wide", [], r"is \(2, 28, 10\); it must be logits"),
         ("no_such_package.models:Net", [], "cannot import no_such_package.models"),
+        ("{file}:Raises", [], "Raises raised ValueError when initialized on images of shape \\(28, 28\\): not today"),
+        ("{file}:NoRngs", ["--seeds", "2"], "NoRngs is built without rngs: every seed would start from the same"),
         ("{file}:CNN", ["--hidden", "32"], "--hidden describes the lesson's MLP"),
         ("{file}:CNN", ["--dropout", "0.1"], "--dropout describes the lesson's MLP"),
     ],

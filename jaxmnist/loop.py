@@ -38,7 +38,7 @@ from jaxmnist.runs import (
 )
 from jaxmnist.train import TrainState, num_batches, param_dtype
 from jaxmnist.train.state import LossFn
-from jaxmnist.train.steps import Metrics
+from jaxmnist.train.steps import Metrics, check_padding_leaves_statistics_exact
 
 ArrayPair = tuple[np.ndarray, np.ndarray]
 
@@ -257,11 +257,10 @@ def fit(
     run = build_run(config, image_shape, len(train_data[0]), model, optimizer, loss)
     progress = start_of_run(config, run) if start is None else start
     one_seed_state = progress.state if config.seeds == 1 else jax.tree.map(lambda leaf: leaf[0], progress.state)
-    if mesh is not None and config.seeds == 1 and config.batch_size % mesh.size and one_seed_state.collections:
-        raise RunError(
-            f"`batch_size`={config.batch_size} does not divide over `num_devices`={mesh.size}: its padding slots "
-            f"would enter the model's carried statistics (e.g. BatchNorm); use a batch size divisible by {mesh.size}"
-        )
+    try:  # several seeds split the runs over the devices, not the batch: no padding then
+        check_padding_leaves_statistics_exact(one_seed_state, config.batch_size, mesh if config.seeds == 1 else None)
+    except ValueError as error:
+        raise RunError(str(error)) from error
     check_labels(count_classes(one_seed_state, image_shape), {"train_data": train_data[1], "test_data": test_data[1]})
     train_data, val_data = hold_out(config, *train_data)
     seeds = seed_values(config)

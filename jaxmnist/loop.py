@@ -38,7 +38,7 @@ from jaxmnist.runs import (
 )
 from jaxmnist.train import TrainState, num_batches, param_dtype
 from jaxmnist.train.state import LossFn
-from jaxmnist.train.steps import Metrics, check_padding_leaves_statistics_exact
+from jaxmnist.train.steps import STEP_METRICS, Metrics, check_padding_leaves_statistics_exact
 
 ArrayPair = tuple[np.ndarray, np.ndarray]
 
@@ -292,9 +292,7 @@ def fit(
             accuracies = per_seed(metrics["accuracy"], len(seeds))
             step_losses = _append_steps(progress.step_losses, losses, len(seeds))
             step_accuracies = _append_steps(progress.step_accuracies, accuracies, len(seeds))
-            own = {
-                name: values for name, values in metrics.items() if name not in ("loss", "accuracy", "learning_rate")
-            }
+            own = {name: values for name, values in metrics.items() if name not in STEP_METRICS}
             empty = progress.step_losses[..., :0]
             step_metrics = {
                 name: _append_steps(progress.step_metrics.get(name, empty), values, len(seeds))

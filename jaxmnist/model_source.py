@@ -37,7 +37,8 @@ class ModelSource:
         build: from a seed's initialization key to a linen or NNX module.
         name: what the run calls the model (its class name).
         spec: the ``"FILE.py:NAME"`` or ``"package.module:NAME"`` it was loaded from; None for an object.
-        per_seed: whether each seed gets its own initialization (False only for a built NNX instance).
+        per_seed: whether each seed gets its own initialization (False for an NNX module built without
+            ``rngs``: an instance, or a class or function that does not take them).
     """
 
     build: Callable[[jax.Array], Model]

@@ -24,7 +24,8 @@ Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
 # Keys of a batch that train_step itself reads; any other goes to the model (by keyword) or the loss.
 _BATCH_KEYS = ("image", "label", "mask")
-_STEP_METRICS = ("loss", "accuracy", "learning_rate")
+# The metrics train_step itself reports; a loss's own metrics take other names.
+STEP_METRICS = ("loss", "accuracy", "learning_rate")
 
 
 def metric_precision(logits: jax.Array) -> jax.Array:
@@ -52,7 +53,7 @@ def _loss_and_metrics(result) -> tuple[jax.Array, Metrics]:
     """A loss's return value, ``loss`` or ``(loss, metrics)``, as both, the metrics as float32-or-wider scalars."""
     loss, metrics = result if isinstance(result, tuple) else (result, {})
     for name, value in metrics.items():
-        if name in _STEP_METRICS:
+        if name in STEP_METRICS:
             raise ValueError(f"the loss's metric {name!r} has the name of a step metric: call it something else")
         if jnp.shape(value) != ():
             raise ValueError(f"the loss's metric {name!r} must be a scalar, got shape {jnp.shape(value)}")

@@ -9,6 +9,8 @@ run's keys and initial state.
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
 from typing import Any, Literal
 
 from jaxmnist.losses import LOSSES
@@ -46,12 +48,14 @@ def setting(
     kind: Kind,
     choices: tuple = (),
     resumable: bool = False,
+    sweepable: bool = False,
     metavar: str | None = None,
 ) -> Any:
     """A ``TrainConfig`` field with what a command needs to offer it as a flag.
 
     ``resumable``: the setting may differ when a run resumes another's checkpoint (it does not change the
-    mathematics).
+    mathematics). ``sweepable``: the setting may be a tuple of values, one per row of a grid of runs
+    trained as one program (a value held in each run's state, not a shape).
     """
     metadata = {
         "help": help,
@@ -59,6 +63,7 @@ def setting(
         "kind": kind,
         "choices": choices,
         "resumable": resumable,
+        "sweepable": sweepable,
         "metavar": metavar,
     }
     return dataclasses.field(default=default, metadata=metadata)
@@ -82,7 +87,14 @@ class TrainConfig:
         flag="--batch-size",
         kind="positive_int",
     )
-    learning_rate: float = setting(0.003, "learning rate (default 0.003)", flag="--lr", kind="positive_float")
+    learning_rate: float | tuple[float, ...] = setting(
+        0.003,
+        "learning rate (default 0.003); a comma list (0.001,0.01) trains one run per value, see --seeds",
+        flag="--lr",
+        kind="positive_float",
+        sweepable=True,
+        metavar="LR",
+    )
     model: str | None = setting(
         None,
         "train your own flax model instead of the lesson's MLP: FILE.py:NAME (relative to the working folder, "
@@ -137,18 +149,22 @@ class TrainConfig:
     optimizer: str = setting(
         "sgd", "the optax optimizer (default sgd, the lesson's)", flag="--optimizer", kind="choice", choices=OPTIMIZERS
     )
-    momentum: float | None = setting(
+    momentum: float | tuple[float, ...] | None = setting(
         None,
-        f"momentum of --optimizer momentum or nesterov, in [0, 1) (default {DEFAULT_MOMENTUM})",
+        f"momentum of --optimizer momentum or nesterov, in [0, 1) (default {DEFAULT_MOMENTUM}); a comma list "
+        "trains one run per value",
         flag="--momentum",
         kind="fraction",
+        sweepable=True,
         metavar="M",
     )
-    weight_decay: float | None = setting(
+    weight_decay: float | tuple[float, ...] | None = setting(
         None,
-        f"decoupled weight decay of --optimizer adamw (default {DEFAULT_WEIGHT_DECAY:g})",
+        f"decoupled weight decay of --optimizer adamw (default {DEFAULT_WEIGHT_DECAY:g}); a comma list trains "
+        "one run per value",
         flag="--weight-decay",
         kind="non_negative_float",
+        sweepable=True,
         metavar="W",
     )
     schedule: str = setting(
@@ -162,11 +178,13 @@ class TrainConfig:
     warmup_steps: int = setting(
         0, "warm-up steps of --schedule warmup-cosine (default 0)", flag="--warmup-steps", kind="non_negative_int"
     )
-    dropout: float = setting(
+    dropout: float | tuple[float, ...] = setting(
         0.0,
-        "dropout rate after each hidden layer in training; inference runs without it (default 0, the lesson's)",
+        "dropout rate after each hidden layer in training; inference runs without it (default 0, the lesson's); "
+        "a comma list trains one run per value",
         flag="--dropout",
         kind="fraction",
+        sweepable=True,
         metavar="P",
     )
     val_split: int = setting(
@@ -180,7 +198,8 @@ class TrainConfig:
     seeds: int = setting(
         1,
         "train N independent runs with seeds --seed .. --seed+N-1 together, as one vmapped program, and "
-        "report the band of their losses and accuracies (default 1)",
+        "report the band of their losses and accuracies (default 1); with comma lists of --lr, --momentum, "
+        "--weight-decay or --dropout, N seeds of every combination of their values",
         flag="--seeds",
         kind="positive_int",
         metavar="N",
@@ -205,8 +224,12 @@ class TrainConfig:
             raise SettingsError(f"`warmup_steps` is for schedule 'warmup-cosine', not {self.schedule!r}")
         if self.seed + self.seeds > 2**32:
             raise SettingsError(f"`seed`={self.seed} and `seeds`={self.seeds} go past the largest seed, 2**32 - 1")
-        if self.early_stopping and self.seeds > 1:
-            raise SettingsError("`early_stopping` stops one run; with `seeds` > 1 the runs share one program")
+        if self.early_stopping and num_runs(self) > 1:
+            raise SettingsError("`early_stopping` stops one run; with `seeds` > 1 or a grid the runs share one program")
+        if isinstance(self.learning_rate, tuple) and self.schedule != "constant":
+            raise SettingsError(
+                f"`learning_rate` lists several values; with `schedule`={self.schedule!r} run each rate as its own run"
+            )
         if self.early_stopping and not self.val_split:
             raise SettingsError("`early_stopping` needs `val_split`=N: a held-out set whose loss it watches")
         if self.model is not None:
@@ -221,6 +244,9 @@ class TrainConfig:
 
 def check_setting(field: dataclasses.Field, value: Any) -> None:
     """Raises ``ValueError`` naming the argument when ``value`` is not allowed for ``field``."""
+    if isinstance(value, tuple) and field.metadata["sweepable"]:
+        _check_grid_values(field, value)
+        return
     kind, choices = field.metadata["kind"], field.metadata["choices"]
     name = f"`{field.name}`"
     if kind == "choice" and value not in choices:
@@ -243,6 +269,55 @@ def check_setting(field: dataclasses.Field, value: Any) -> None:
         raise SettingsError(f"{name} must be FILE.py:NAME or package.module:NAME, got {value!r}")
 
 
+def _check_grid_values(field: dataclasses.Field, values: tuple) -> None:
+    """A sweepable setting's list: every value allowed on its own, none twice."""
+    if not values:
+        raise SettingsError(f"`{field.name}` lists no values")
+    for value in values:
+        if value is None:
+            raise SettingsError(f"`{field.name}` lists None; give numbers")
+        check_setting(field, value)
+    repeated = next((value for index, value in enumerate(values) if value in values[:index]), None)
+    if repeated is not None:
+        raise SettingsError(f"`{field.name}` lists {repeated!r} twice")
+
+
+def swept_settings(config: TrainConfig) -> dict[str, tuple[float, ...]]:
+    """The settings given as lists of values, in field order: the axes of the run's grid.
+
+    Example:
+        >>> swept_settings(TrainConfig(learning_rate=(0.01, 0.1), dropout=(0.0, 0.5)))
+        {'learning_rate': (0.01, 0.1), 'dropout': (0.0, 0.5)}
+    """
+    return {
+        field.name: getattr(config, field.name)
+        for field in dataclasses.fields(TrainConfig)
+        if field.metadata["sweepable"] and isinstance(getattr(config, field.name), tuple)
+    }
+
+
+def grid_rows(config: TrainConfig) -> list[dict[str, float]]:
+    """Every combination of the swept settings' values (the first setting varies slowest); ``[{}]`` when
+    nothing is swept.
+
+    Example:
+        >>> grid_rows(TrainConfig(learning_rate=(0.01, 0.1)))
+        [{'learning_rate': 0.01}, {'learning_rate': 0.1}]
+    """
+    swept = swept_settings(config)
+    return [dict(zip(swept, values, strict=True)) for values in itertools.product(*swept.values())]
+
+
+def row_config(config: TrainConfig, row: dict[str, float]) -> TrainConfig:
+    """The settings of one grid row: ``config`` with the row's value of every swept setting."""
+    return dataclasses.replace(config, **row)
+
+
+def num_runs(config: TrainConfig) -> int:
+    """The runs trained together: every grid row times ``seeds``."""
+    return math.prod(len(values) for values in swept_settings(config).values()) * config.seeds
+
+
 _DEFAULTS = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
 RESUMABLE_CHANGES = frozenset(field.name for field in dataclasses.fields(TrainConfig) if field.metadata["resumable"])
 
@@ -254,7 +329,8 @@ def config_to_dict(config: TrainConfig) -> dict[str, Any]:
 
 def config_from_dict(values: dict[str, Any]) -> TrainConfig:
     """The inverse of ``config_to_dict``; settings missing from ``values`` take their defaults."""
-    return TrainConfig(**{**values, "hidden_sizes": tuple(values["hidden_sizes"])})
+    lists = {name: tuple(value) for name, value in values.items() if isinstance(value, list)}  # JSON has no tuples
+    return TrainConfig(**{**values, **lists})
 
 
 def steps_per_epoch(config: TrainConfig, num_train_images: int) -> int:

@@ -20,21 +20,22 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from jaxmnist.config import TrainConfig
+from jaxmnist.config import TrainConfig, num_runs
 from jaxmnist.model_source import Model, ModelSource
 from jaxmnist.normalization import normalize
 from jaxmnist.parallel import replicate, shard_seeds
-from jaxmnist.programs import Programs, per_seed
+from jaxmnist.programs import Programs, per_run
 from jaxmnist.runs import (
+    GridRun,
     Run,
     RunError,
     build_run,
     check_images,
     check_labels,
     count_classes,
+    grid_runs,
     hold_out,
     initial_state,
-    seed_values,
 )
 from jaxmnist.train import TrainState, num_batches, param_dtype
 from jaxmnist.train.state import LossFn
@@ -48,7 +49,11 @@ DEFAULT_MAX_LOSS = 1000.0
 
 @dataclasses.dataclass(frozen=True)
 class EpochResult:
-    """What one epoch produced; ``train_loss`` is the lesson's mean of the batch losses."""
+    """What one epoch of one run produced; ``train_loss`` is the lesson's mean of the batch losses.
+
+    ``swept`` holds the run's value of every setting given as a list (a grid), e.g.
+    ``{"learning_rate": 0.01}``; it is empty without a grid.
+    """
 
     epoch: int
     train_loss: float
@@ -63,6 +68,7 @@ class EpochResult:
     val_loss: float | None = None
     val_accuracy: float | None = None
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # the loss's own, epoch means
+    swept: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def best_epoch(history: Sequence[EpochResult]) -> EpochResult | None:
@@ -89,10 +95,11 @@ class Progress:
     """Where a run stands after a compiled call: enough to continue it exactly.
 
     ``epoch`` is the epoch in progress (from 1), ``position`` the number of its steps done, and
-    ``step_losses``/``step_accuracies`` its per-step metrics so far (``(steps,)``, or ``(seeds, steps)``
-    for several seeds). ``results`` are set when the call ended the epoch, one per seed (then
-    ``position`` equals the epoch's number of batches); ``history`` holds the results of every finished
-    epoch, this one included. With several seeds, ``state`` has a leading seed axis.
+    ``step_losses``/``step_accuracies`` its per-step metrics so far (``(steps,)``, or ``(runs, steps)``
+    for several runs). ``results`` are set when the call ended the epoch, one per run in
+    ``jaxmnist.runs.grid_runs`` order (then ``position`` equals the epoch's number of batches);
+    ``history`` holds the results of every finished epoch, this one included. With several runs (seeds,
+    grid rows), ``state`` has a leading run axis.
     """
 
     state: TrainState
@@ -106,7 +113,7 @@ class Progress:
 
     @property
     def result(self) -> EpochResult | None:
-        """The finished epoch's result (the first seed's, when there are several); None inside an epoch."""
+        """The finished epoch's result (the first run's, when there are several); None inside an epoch."""
         return self.results[0] if self.results else None
 
     @property
@@ -131,50 +138,53 @@ class Progress:
 class DivergenceError(ArithmeticError):
     """The training loss became NaN, infinite or absurdly large; ``epoch`` and ``step`` say where (from 1)."""
 
-    def __init__(self, epoch: int, step: int, loss: float, seed: int | None = None):
+    def __init__(self, epoch: int, step: int, loss: float, seed: int | None = None, values: dict | None = None):
         run = "" if seed is None else f" of seed {seed}"
+        if values:
+            run = f" of {', '.join(f'`{name}`={value}' for name, value in values.items())}, seed {seed}"
         super().__init__(
             f"training diverged: the loss{run} became {loss:.6g} at epoch {epoch}, step {step}; "
             "try a lower `learning_rate` (the lesson uses 0.003)"
         )
-        self.epoch, self.step, self.loss, self.seed = epoch, step, loss, seed
+        self.epoch, self.step, self.loss, self.seed, self.values = epoch, step, loss, seed, values or {}
 
 
 def start_of_run(config: TrainConfig, run: Run) -> Progress:
     """The progress of ``run`` before its first step."""
-    empty = np.zeros((config.seeds, 0) if config.seeds > 1 else 0, np.dtype(config.dtype))
+    runs = num_runs(config)
+    empty = np.zeros((runs, 0) if runs > 1 else 0, np.dtype(config.dtype))
     return Progress(initial_state(config, run), epoch=1, position=0, step_losses=empty, step_accuracies=empty)
 
 
-def _append_steps(done: np.ndarray, new: jax.Array | np.ndarray, seeds: int) -> np.ndarray:
-    """``done``'s per-step values followed by ``new``'s: ``(steps,)`` for one seed, ``(seeds, steps)`` for several."""
-    return np.concatenate([per_seed(done, seeds), per_seed(new, seeds)], axis=1).reshape(*done.shape[:-1], -1)
+def _append_steps(done: np.ndarray, new: jax.Array | np.ndarray, runs: int) -> np.ndarray:
+    """``done``'s per-step values followed by ``new``'s: ``(steps,)`` for one run, ``(runs, steps)`` for several."""
+    return np.concatenate([per_run(done, runs), per_run(new, runs)], axis=1).reshape(*done.shape[:-1], -1)
 
 
-def _check_divergence(losses: np.ndarray, max_loss: float, epoch: int, position: int, seeds: list[int]) -> None:
-    """``losses`` has one row per seed; the first diverged step of the first seed that diverged is named."""
+def _check_divergence(losses: np.ndarray, max_loss: float, epoch: int, position: int, runs: list[GridRun]) -> None:
+    """``losses`` has one row per run; the first diverged step of the first run that diverged is named."""
     diverged = ~(np.abs(losses) <= max_loss)  # NaN compares False: it counts as diverged
     if diverged.any():
         row = int(np.argmax(diverged.any(axis=1)))
         bad = int(np.argmax(diverged[row]))
-        raise DivergenceError(
-            epoch, position + bad + 1, float(losses[row, bad]), seeds[row] if len(seeds) > 1 else None
-        )
+        seed = runs[row].seed if len(runs) > 1 else None
+        raise DivergenceError(epoch, position + bad + 1, float(losses[row, bad]), seed, runs[row].values)
 
 
 def _epoch_results(
     progress: Progress,
-    seeds: list[int],
+    runs: list[GridRun],
     evaluations: dict[str, Metrics],
     learning_rates: np.ndarray | None,
     seconds: float,
     compile_seconds: float,
     images_trained: int,
 ) -> tuple[EpochResult, ...]:
-    """One result per seed; ``evaluations`` and ``learning_rates`` hold one value per seed."""
-    values = {f"{name}_{metric}": per_seed(evaluation[metric], len(seeds))[:, 0]
+    """One result per run; ``evaluations`` and ``learning_rates`` hold one value per run."""
+    seeds = [run.seed for run in runs]
+    values = {f"{name}_{metric}": per_run(evaluation[metric], len(seeds))[:, 0]
               for name, evaluation in evaluations.items() for metric in ("loss", "accuracy")}  # fmt: skip
-    losses, accuracies = per_seed(progress.step_losses, len(seeds)), per_seed(progress.step_accuracies, len(seeds))
+    losses, accuracies = per_run(progress.step_losses, len(seeds)), per_run(progress.step_accuracies, len(seeds))
     return tuple(
         EpochResult(
             epoch=progress.epoch,
@@ -190,9 +200,10 @@ def _epoch_results(
             val_loss=float(values["val_loss"][row]) if "val_loss" in values else None,
             val_accuracy=float(values["val_accuracy"][row]) if "val_accuracy" in values else None,
             metrics={
-                name: float(np.mean(per_seed(steps, len(seeds))[row], dtype=np.float64))
+                name: float(np.mean(per_run(steps, len(seeds))[row], dtype=np.float64))
                 for name, steps in progress.step_metrics.items()
             },
+            swept=dict(runs[row].values),
         )
         for row, seed in enumerate(seeds)
     )
@@ -219,7 +230,9 @@ def fit(
     Args:
         config: the run's settings; ``config.val_split`` of the training images are held out
             (``jaxmnist.runs.hold_out``) and evaluated after every epoch; ``config.seeds`` runs train
-            together, each from its own initialization.
+            together, each from its own initialization, for every combination of the values of the
+            settings given as tuples (a grid: ``learning_rate``, ``momentum``, ``weight_decay``,
+            ``dropout``), all as one compiled program; each run's results equal its values' run alone.
         train_data: uint8 images ``(N, H, W)`` or ``(N, H, W, C)`` of any size, and int labels.
         test_data: the same for evaluation after every epoch.
         start: where to continue from (e.g. a restored checkpoint); its state must be of the same model
@@ -256,16 +269,16 @@ def fit(
         raise RunError(f"`test_data` images are {test_data[0].shape[1:]}, `train_data` images {image_shape}")
     run = build_run(config, image_shape, len(train_data[0]), model, optimizer, loss)
     progress = start_of_run(config, run) if start is None else start
-    one_seed_state = progress.state if config.seeds == 1 else jax.tree.map(lambda leaf: leaf[0], progress.state)
-    try:  # several seeds split the runs over the devices, not the batch: no padding then
-        check_padding_leaves_statistics_exact(one_seed_state, config.batch_size, mesh if config.seeds == 1 else None)
+    runs = grid_runs(config)
+    one_run_state = progress.state if len(runs) == 1 else jax.tree.map(lambda leaf: leaf[0], progress.state)
+    try:  # several runs split over the devices, not the batch: no padding then
+        check_padding_leaves_statistics_exact(one_run_state, config.batch_size, mesh if len(runs) == 1 else None)
     except ValueError as error:
         raise RunError(str(error)) from error
-    check_labels(count_classes(one_seed_state, image_shape), {"train_data": train_data[1], "test_data": test_data[1]})
+    check_labels(count_classes(one_run_state, image_shape), {"train_data": train_data[1], "test_data": test_data[1]})
     train_data, val_data = hold_out(config, *train_data)
-    seeds = seed_values(config)
     place = jax.device_put if mesh is None else partial(replicate, mesh=mesh)
-    state = shard_seeds(progress.state, mesh) if mesh is not None and len(seeds) > 1 else place(progress.state)
+    state = shard_seeds(progress.state, mesh) if mesh is not None and len(runs) > 1 else place(progress.state)
     if start is not None:  # the compiled calls donate their input: leave the caller's start intact
         state = jax.tree.map(jnp.copy, state)
     images, labels = place(train_data)
@@ -286,16 +299,16 @@ def fit(
             started = time.perf_counter()
             num_steps = min(programs.chunk, steps_per_epoch - progress.position)
             state, metrics = programs.run(state, keys, batches, progress.position, num_steps)
-            losses = per_seed(metrics["loss"], len(seeds))
+            losses = per_run(metrics["loss"], len(runs))
             seconds += time.perf_counter() - started
-            _check_divergence(losses, max_loss, progress.epoch, progress.position, seeds)
-            accuracies = per_seed(metrics["accuracy"], len(seeds))
-            step_losses = _append_steps(progress.step_losses, losses, len(seeds))
-            step_accuracies = _append_steps(progress.step_accuracies, accuracies, len(seeds))
+            _check_divergence(losses, max_loss, progress.epoch, progress.position, runs)
+            accuracies = per_run(metrics["accuracy"], len(runs))
+            step_losses = _append_steps(progress.step_losses, losses, len(runs))
+            step_accuracies = _append_steps(progress.step_accuracies, accuracies, len(runs))
             own = {name: values for name, values in metrics.items() if name not in STEP_METRICS}
             empty = progress.step_losses[..., :0]
             step_metrics = {
-                name: _append_steps(progress.step_metrics.get(name, empty), values, len(seeds))
+                name: _append_steps(progress.step_metrics.get(name, empty), values, len(runs))
                 for name, values in own.items()
             }
             progress = Progress(
@@ -312,14 +325,14 @@ def fit(
                 evaluations = {name: programs.evaluate(state, *data) for name, data in evaluation_sets.items()}
                 known_rate = run.learning_rate(config)
                 learning_rates = (
-                    per_seed(metrics["learning_rate"], len(seeds))[:, -1]
+                    per_run(metrics["learning_rate"], len(runs))[:, -1]
                     if "learning_rate" in metrics
                     else None
                     if known_rate is None
-                    else np.full(len(seeds), known_rate)
+                    else np.full(len(runs), known_rate)
                 )
                 results = _epoch_results(
-                    progress, seeds, evaluations, learning_rates, seconds, compile_seconds, images_trained
+                    progress, runs, evaluations, learning_rates, seconds, compile_seconds, images_trained
                 )
                 progress = dataclasses.replace(progress, results=results, history=(*progress.history, *results))
                 compile_seconds = 0.0

@@ -45,6 +45,8 @@ class MLP(nn.Module):
         param_dtype: float32, or float64 for exactness checks.
         dropout_rate: dropout after every hidden activation when called with ``train=True`` (0: none,
             the lesson's).
+        dropout_rate_per_run: keep the rate in the ``hyperparameters`` collection instead of the program,
+            so runs stacked along an axis (a grid of rates) share one program; the same masks as ``nn.Dropout``.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -60,16 +62,23 @@ class MLP(nn.Module):
     weight_init: Init = "torch"
     param_dtype: jnp.dtype = jnp.float32
     dropout_rate: float = 0.0
+    dropout_rate_per_run: bool = False
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
         hidden = images.reshape((images.shape[0], -1))
         sizes = (*self.hidden_sizes, self.num_classes)
+        if self.dropout_rate_per_run:
+            keep = self.variable(
+                "hyperparameters", "dropout_keep_probability", jnp.asarray, 1.0 - self.dropout_rate, self.param_dtype
+            )
         for index, features in enumerate(sizes):
             hidden = self._dense(features, fan_in=hidden.shape[-1], name=f"Dense_{index}")(hidden)
             if index < len(sizes) - 1:
                 hidden = self.activation(hidden)
-                if self.dropout_rate > 0:
+                if self.dropout_rate_per_run:
+                    hidden = KeepProbabilityDropout(name=f"Dropout_{index}")(hidden, keep.value, not train)
+                elif self.dropout_rate > 0:
                     hidden = nn.Dropout(self.dropout_rate, deterministic=not train)(hidden)
         return hidden
 
@@ -81,6 +90,18 @@ class MLP(nn.Module):
         else:
             raise ValueError(f"`weight_init` must be 'torch' or 'flax', got {self.weight_init!r}")
         return nn.Dense(features, param_dtype=self.param_dtype, name=name, **inits)
+
+
+class KeepProbabilityDropout(nn.Module):
+    """``nn.Dropout`` with the keep probability as an array: the same key (by its name), mask and scaling,
+    for a probability that is a value in the state rather than a constant of the program."""
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array, keep_probability: jax.Array, deterministic: bool) -> jax.Array:
+        if deterministic:
+            return inputs
+        mask = jax.random.bernoulli(self.make_rng("dropout"), p=keep_probability, shape=inputs.shape)
+        return jax.lax.select(mask, inputs / keep_probability, jnp.zeros_like(inputs))
 
 
 def count_params(params) -> int:

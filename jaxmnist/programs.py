@@ -1,8 +1,8 @@
-"""A run's compiled calls: a whole epoch, a chunk of steps, or one step at a time, for one seed or many.
+"""A run's compiled calls: a whole epoch, a chunk of steps, or one step at a time, for one run or many.
 
-With ``config.seeds > 1`` every call is the single-seed call under ``jax.vmap``: the runs share one
-compiled program, each with its own state, initialization and shuffle. The calls of a one-seed run are
-the plain ones, unchanged.
+With several runs (``seeds`` > 1 or a grid of values) every call is the single-run call under
+``jax.vmap``: the runs share one compiled program, each with its own state (hyperparameters included),
+initialization and shuffle. The calls of a single run are the plain ones, unchanged.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxmnist.config import TrainConfig
+from jaxmnist.config import TrainConfig, num_runs
 from jaxmnist.parallel import batch_sharded, padded_batch_width
-from jaxmnist.runs import epoch_key, run_keys, seed_values
+from jaxmnist.runs import epoch_key, grid_runs, run_keys
 from jaxmnist.train import (
     TrainState,
     epoch_batch_indices,
@@ -42,12 +42,12 @@ class Programs:
         if config.loop not in ("scan", "step"):
             raise ValueError(f"`loop` must be 'scan' or 'step', got {config.loop!r}")
         self.config, self.images, self.labels, self.chunk = config, images, labels, chunk
-        self.vmapped = config.seeds > 1
-        # Several seeds spread over the devices along their own axis; one seed splits its batches.
+        self.vmapped = num_runs(config) > 1
+        # Several runs spread over the devices along their own axis; one run splits its batches.
         self.mesh = None if self.vmapped else mesh
         self.steps_per_epoch = num_batches(images.shape[0], config.batch_size)
         self.width = padded_batch_width(config.batch_size, self.mesh)
-        self.data_keys = [run_keys(seed)[1] for seed in seed_values(config)]
+        self.data_keys = [run_keys(run.seed)[1] for run in grid_runs(config)]
         first_keys = self.epoch_keys(1)
         indices, mask = self.batch_indices(first_keys)
         started = time.perf_counter()
@@ -62,12 +62,12 @@ class Programs:
         self.evaluate = jax.jit(jax.vmap(evaluate, in_axes=(0, None, None))) if self.vmapped else evaluate
 
     def epoch_keys(self, epoch: int) -> jax.Array:
-        """The shuffle key of ``epoch`` for every seed (stacked when there are several)."""
+        """The shuffle key of ``epoch`` for every run (stacked when there are several)."""
         keys = [epoch_key(data_key, epoch) for data_key in self.data_keys]
         return jnp.stack(keys) if self.vmapped else keys[0]
 
     def batch_indices(self, keys: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """The epoch's batches (one set per seed), drawn once for all its calls."""
+        """The epoch's batches (one set per run), drawn once for all its calls."""
         draw = partial(_batch_indices, num_examples=self.images.shape[0], batch_size=self.config.batch_size,
                        width=self.width)  # fmt: skip
         return jax.vmap(draw)(keys) if self.vmapped else draw(keys)
@@ -83,7 +83,7 @@ class Programs:
             first_step: int, num_steps: int) -> tuple[TrainState, Metrics]:  # fmt: skip
         """Steps ``first_step ..`` of the epoch shuffled by ``keys``; ``batches`` are its indices and masks.
 
-        Metrics have the steps on their last axis (and the seeds on the first, when there are several).
+        Metrics have the steps on their last axis (and the runs on the first, when there are several).
         """
         if self.config.loop == "step":
             history = []
@@ -98,7 +98,7 @@ class Programs:
         return self._chunk_program(num_steps)(state, self.images, self.labels, *batches, first_step)
 
     def _epoch_program(self):
-        """``train_epoch`` taking ``(state, images, labels, keys)``; under ``vmap`` for several seeds."""
+        """``train_epoch`` taking ``(state, images, labels, keys)``; under ``vmap`` for several runs."""
         epoch = partial(train_epoch, batch_size=self.config.batch_size, mesh=self.mesh)
         if not self.vmapped:
             return jax.jit(epoch, donate_argnums=0)
@@ -112,6 +112,6 @@ class Programs:
         return jax.jit(jax.vmap(chunk, in_axes=(0, None, None, 0, 0, None)), donate_argnums=0)
 
 
-def per_seed(values: jax.Array | np.ndarray, seeds: int) -> np.ndarray:
-    """``values`` as a numpy array with one row per seed."""
-    return np.asarray(values).reshape(seeds, -1)
+def per_run(values: jax.Array | np.ndarray, runs: int) -> np.ndarray:
+    """``values`` as a numpy array with one row per run."""
+    return np.asarray(values).reshape(runs, -1)

@@ -14,7 +14,8 @@ from jaxmnist.model import ACTIVATIONS, MLP
 
 
 def build_model(config: TrainConfig) -> MLP:
-    """The MLP that ``config`` describes.
+    """The MLP that ``config`` describes; with a list of dropout rates, one that holds its rate in its
+    variables (built with the first rate; each run's model is given its own with ``clone``).
 
     Example:
         >>> build_model(TrainConfig(hidden_sizes=(32,))).hidden_sizes
@@ -25,7 +26,8 @@ def build_model(config: TrainConfig) -> MLP:
         activation=ACTIVATIONS[config.activation],
         weight_init=config.weight_init,
         param_dtype=jnp.dtype(config.dtype),
-        dropout_rate=config.dropout,
+        dropout_rate=config.dropout[0] if isinstance(config.dropout, tuple) else config.dropout,
+        dropout_rate_per_run=isinstance(config.dropout, tuple),
     )
 
 
@@ -38,32 +40,44 @@ def learning_rate_schedule(config: TrainConfig, total_steps: int) -> float | opt
     return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, config.warmup_steps, total_steps)
 
 
-def build_optimizer(config: TrainConfig, num_train_images: int) -> optax.GradientTransformation:
-    """The optax optimizer that ``config`` describes; a scheduled one exposes its learning rate.
+def build_optimizer(
+    config: TrainConfig, num_train_images: int, per_run_hyperparameters: bool = False
+) -> optax.GradientTransformation:
+    """The optax optimizer that ``config`` (one value per setting) describes.
 
     Args:
         config: the run's settings.
         num_train_images: the training set's size before the held-out images (schedules span the run).
+        per_run_hyperparameters: hold the learning rate, momentum and weight decay in the optimizer state
+            (``optax.inject_hyperparams``), so that runs stacked along an axis may each have their own.
 
     Returns:
-        The optimizer; with a schedule, ``optax.inject_hyperparams`` of it, so every step reports its rate.
+        The optimizer; with a schedule or ``per_run_hyperparameters``, ``optax.inject_hyperparams`` of it,
+        so every step reports its rate.
 
     Example:
         >>> optimizer = build_optimizer(TrainConfig(optimizer="adam", schedule="cosine"), 60_000)
         >>> float(optimizer.init({"w": jnp.zeros(2)}).hyperparams["learning_rate"])
         0.003
     """
+    total_steps = config.epochs * steps_per_epoch(config, num_train_images)
+    hyperparameters = {"learning_rate": learning_rate_schedule(config, total_steps)}
+    if config.optimizer in ("momentum", "nesterov"):
+        hyperparameters["momentum"] = DEFAULT_MOMENTUM if config.momentum is None else config.momentum
+    if config.optimizer == "adamw":
+        hyperparameters["weight_decay"] = DEFAULT_WEIGHT_DECAY if config.weight_decay is None else config.weight_decay
 
-    def make(learning_rate: float | optax.Schedule) -> optax.GradientTransformation:
-        momentum = DEFAULT_MOMENTUM if config.momentum is None else config.momentum
+    def make(learning_rate, momentum=None, weight_decay=None) -> optax.GradientTransformation:
         if config.optimizer in ("momentum", "nesterov"):
             return optax.sgd(learning_rate, momentum=momentum, nesterov=config.optimizer == "nesterov")
         if config.optimizer == "adam":
             return optax.adam(learning_rate)
         if config.optimizer == "adamw":
-            decay = DEFAULT_WEIGHT_DECAY if config.weight_decay is None else config.weight_decay
-            return optax.adamw(learning_rate, weight_decay=decay)
+            return optax.adamw(learning_rate, weight_decay=weight_decay)
         return optax.sgd(learning_rate)
 
-    learning_rate = learning_rate_schedule(config, config.epochs * steps_per_epoch(config, num_train_images))
-    return make(learning_rate) if config.schedule == "constant" else optax.inject_hyperparams(make)(learning_rate)
+    if config.schedule == "constant" and not per_run_hyperparameters:
+        return make(**hyperparameters)
+    # A schedule alone injects the learning rate only; the other values stay constants of the program.
+    static = () if per_run_hyperparameters else tuple(name for name in hyperparameters if name != "learning_rate")
+    return optax.inject_hyperparams(make, static_args=static)(**hyperparameters)

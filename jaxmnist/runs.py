@@ -1,6 +1,6 @@
-"""What a run trains and with which randomness: its seeds and their keys, the held-out split, and the
-model, optimizer and loss (the caller's, or those the settings describe) built into every seed's
-initial state.
+"""What a run trains and with which randomness: its runs (grid rows × seeds), their keys, the held-out
+split, and the model, optimizer and loss (the caller's, or those the settings describe) built into every
+run's initial state.
 
 ``fit`` builds a ``Run`` from its arguments; the train command builds one too, to restore a checkpoint
 onto the run's own state and to name the model in its header.
@@ -9,6 +9,7 @@ onto the run's own state and to name the model in its header.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Mapping
 
 import jax
@@ -16,7 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxmnist.config import TrainConfig, check_against_data
+from jaxmnist.config import (
+    TrainConfig,
+    check_against_data,
+    grid_rows,
+    num_runs,
+    row_config,
+    swept_settings,
+)
 from jaxmnist.model_source import Model, ModelSource, from_object, load_model
 from jaxmnist.recipe import build_model, build_optimizer
 from jaxmnist.train import ModelCallError, TrainState, create_train_state
@@ -44,6 +52,25 @@ def epoch_key(data_key: jax.Array, epoch: int) -> jax.Array:
 def seed_values(config: TrainConfig) -> list[int]:
     """The seeds of the run's independent runs: ``seed, seed + 1, ..., seed + seeds - 1``."""
     return list(range(config.seed, config.seed + config.seeds))
+
+
+@dataclasses.dataclass(frozen=True)
+class GridRun:
+    """One of the runs trained together: its grid row's values (``{}`` without a grid) and its seed."""
+
+    values: dict[str, float]
+    seed: int
+    row: int = 0
+
+
+def grid_runs(config: TrainConfig) -> list[GridRun]:
+    """Every run of ``config``: each grid row's ``seeds`` seeds, rows in ``grid_rows`` order.
+
+    Example:
+        >>> [(run.values, run.seed) for run in grid_runs(TrainConfig(learning_rate=(0.1, 0.2), seeds=2))]
+        [({'learning_rate': 0.1}, 0), ({'learning_rate': 0.1}, 1), ({'learning_rate': 0.2}, 0), ({'learning_rate': 0.2}, 1)]
+    """
+    return [GridRun(values, seed, row) for row, values in enumerate(grid_rows(config)) for seed in seed_values(config)]
 
 
 def hold_out(config: TrainConfig, images: np.ndarray, labels: np.ndarray) -> tuple[tuple, tuple]:
@@ -77,6 +104,9 @@ class Run:
         image_shape: the shape of one input image, e.g. ``(28, 28)`` or ``(32, 32, 3)``: from the data.
         optimizer_from_config: the optimizer is the one the settings describe, so their learning rate is
             the one it uses (another optimizer's rate is known only when it reports it).
+        row_optimizers: the optimizer of every grid row (each initializes its runs' hyperparameters);
+            ``(optimizer,)`` without a grid.
+        num_train_images: the training set's size before the held-out images.
     """
 
     model: ModelSource
@@ -84,6 +114,8 @@ class Run:
     loss: str | LossFn
     image_shape: tuple[int, ...]
     optimizer_from_config: bool
+    row_optimizers: tuple[optax.GradientTransformation, ...] = ()
+    num_train_images: int = 0
 
     def learning_rate(self, config: TrainConfig) -> float | None:
         """The learning rate to report when the optimizer does not report its own (``inject_hyperparams``)."""
@@ -136,44 +168,108 @@ def build_run(
             f"`model` {source.name} is built without `rngs`: every seed would start from the same weights; for "
             "`seeds` > 1 give its class or a function that builds it from `rngs`"
         )
+    swept = swept_settings(config)
+    if optimizer is not None and set(swept) - {"dropout"}:
+        raise RunError(
+            f"`{next(iter(swept))}` lists values for the optimizer the settings describe, and `optimizer` is "
+            "given: sweep with the settings' optimizer, or give one value"
+        )
+    if model is not None and "dropout" in swept:
+        raise RunError("`dropout` lists rates for the lesson's MLP, and `model` is given: give one value")
+    if optimizer is None:
+        rows = grid_rows(config)
+        row_optimizers = tuple(
+            build_optimizer(row_config(config, row), num_train_images, per_run_hyperparameters=bool(swept))
+            for row in rows
+        )
+    else:
+        row_optimizers = (optimizer,)
     return Run(
         model=source,
-        optimizer=build_optimizer(config, num_train_images) if optimizer is None else optimizer,
+        optimizer=row_optimizers[0],
         loss=config.loss if loss is None else loss,
         image_shape=tuple(image_shape),
         optimizer_from_config=optimizer is None,
+        row_optimizers=row_optimizers,
+        num_train_images=num_train_images,
     )
 
 
 def initial_state(config: TrainConfig, run: Run) -> TrainState:
-    """The freshly initialized train state of every seed of the run.
+    """The freshly initialized train state of every run (grid rows × seeds).
 
-    With ``seeds`` > 1, the states stacked along a leading axis, each exactly the state its seed gives
-    alone: a linen model is initialized from the seed's key, an NNX model built from ``nnx.Rngs`` of it.
+    With several runs, the states stacked along a leading axis, each exactly the state its values and
+    seed give alone: a linen model is initialized from the seed's key, an NNX model built from
+    ``nnx.Rngs`` of it; the optimizer holds the row's hyperparameters. Before the second run is built,
+    the memory the program needs is estimated from the first, and a grid too large is refused
+    (``RunError``).
     """
     states = []
-    for seed in seed_values(config):
-        init_key = run_keys(seed)[0]
+    for grid_run in grid_runs(config):
+        init_key = run_keys(grid_run.seed)[0]
         module = run.model.build(init_key)
-        try:
-            state = create_train_state(
-                init_key, module, run.optimizer, loss=run.loss, input_shape=(1, *run.image_shape)
-            )
-        except (ModelCallError, TypeError) as error:  # a __call__ or a loss that cannot be called as asked
-            raise RunError(str(error)) from error
-        except Exception as error:  # the model's own code raised on images of the data's shape
-            first_line = str(error).splitlines()[0] if str(error) else ""
-            raise RunError(
-                f"{run.model.name} raised {type(error).__name__} when initialized on images of shape "
-                f"{run.image_shape}: {first_line}"
-            ) from error
-        states.append(state)
+        if "dropout" in grid_run.values:
+            module = module.clone(dropout_rate=grid_run.values["dropout"])
+        optimizer = run.row_optimizers[grid_run.row] if run.row_optimizers else run.optimizer
+        states.append(_one_state(run, module, init_key, optimizer))
+        if len(states) == 1 and num_runs(config) > 1:
+            check_memory(config, states[0], run.num_train_images)
     if len(states) == 1:
         return states[0]
-    # One calling convention for all seeds: an NNX model's is a new object per built module.
+    # One program for every run: the first run's calling convention and optimizer, whose update reads
+    # each run's hyperparameters from its own state (an NNX model's convention is a new object per module).
     first = states[0]
-    states = [first, *(state.replace(apply_fn=first.apply_fn, model_call=first.model_call) for state in states[1:])]
-    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+    shared = {"apply_fn": first.apply_fn, "model_call": first.model_call, "tx": first.tx}
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *(state.replace(**shared) for state in states))
+
+
+def _one_state(run: Run, module: Model, init_key: jax.Array, optimizer: optax.GradientTransformation) -> TrainState:
+    try:
+        return create_train_state(init_key, module, optimizer, loss=run.loss, input_shape=(1, *run.image_shape))
+    except (ModelCallError, TypeError) as error:  # a __call__ or a loss that cannot be called as asked
+        raise RunError(str(error)) from error
+    except Exception as error:  # the model's own code raised on images of the data's shape
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        raise RunError(
+            f"{run.model.name} raised {type(error).__name__} when initialized on images of shape "
+            f"{run.image_shape}: {first_line}"
+        ) from error
+
+
+def estimated_bytes(config: TrainConfig, state: TrainState, num_train_images: int) -> int:
+    """About how much memory the compiled epoch of ``num_runs(config)`` runs like ``state`` (one run's) needs.
+
+    Per run: the state twice (the donated one and the updated one), its gradients, a batch of images in
+    the model's dtype with as much again for activations, and the epoch's per-step metrics; a rough
+    figure, meant to refuse what cannot fit, before anything is compiled.
+    """
+    state_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves((state.params, state.opt_state, state.collections)))
+    param_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state.params))
+    itemsize = jax.tree.leaves(state.params)[0].dtype.itemsize
+    batch_bytes = 2 * config.batch_size * int(np.prod(state.image_shape)) * itemsize
+    metric_bytes = 4 * 8 * (num_train_images - config.val_split) // config.batch_size + 64
+    return num_runs(config) * (2 * state_bytes + param_bytes + batch_bytes + metric_bytes)
+
+
+def available_bytes() -> int | None:
+    """Memory free for the program: the default device's free memory, else the host's; None when unknown."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not every system reports it
+        return None
+
+
+def check_memory(config: TrainConfig, state: TrainState, num_train_images: int) -> None:
+    """``RunError`` with the figures when the runs of ``config`` would not fit in memory."""
+    needed, available = estimated_bytes(config, state, num_train_images), available_bytes()
+    if available is not None and needed > available:
+        raise RunError(
+            f"{num_runs(config):,} runs in one program need about {needed / 2**30:.1f} GiB, more than the "
+            f"{available / 2**30:.1f} GiB free: give fewer values or `seeds`"
+        )
 
 
 def count_classes(state: TrainState, image_shape: tuple[int, ...]) -> int:

@@ -43,7 +43,16 @@ class OneLineParser(argparse.ArgumentParser):
         return ""
 
 
+SEPARATELY = "takes one value (a list would change the shapes or the data): run each value as its own command"
+
+
+def _one_value(text: str) -> None:
+    if "," in text:
+        raise argparse.ArgumentTypeError(f"{SEPARATELY}, got {text!r}")
+
+
 def positive_int(text: str) -> int:
+    _one_value(text)
     value = int(text) if text.strip().lstrip("+-").isdigit() else None
     if value is None or value < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
@@ -51,6 +60,7 @@ def positive_int(text: str) -> int:
 
 
 def non_negative_int(text: str) -> int:
+    _one_value(text)
     if not text.strip().isdigit():
         raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}")
     return int(text)
@@ -86,6 +96,23 @@ def hidden_sizes(text: str) -> tuple[int, ...]:
     if not sizes:
         raise argparse.ArgumentTypeError(f"must be comma-separated whole numbers >= 1, e.g. 128,64, got {text!r}")
     return sizes
+
+
+def one_choice(text: str) -> str:
+    """A choice flag's value; a comma list is refused with what to do instead."""
+    _one_value(text)
+    return text
+
+
+def value_list(parse: Callable[[str], float]) -> Callable[[str], float | tuple[float, ...]]:
+    """A flag that takes one number, or a comma list of them (a grid): each parsed by ``parse``."""
+
+    def parse_list(text: str) -> float | tuple[float, ...]:
+        values = tuple(parse(part.strip()) for part in text.split(","))
+        return values if len(values) > 1 else values[0]
+
+    parse_list.__name__ = parse.__name__  # argparse names the type in its messages
+    return parse_list
 
 
 ARGUMENT_TYPES: dict[str, Callable[[str], object]] = {

@@ -61,6 +61,61 @@ def band_lines(results: tuple[EpochResult, ...], config: TrainConfig) -> str:
     )
 
 
+def values_label(values: dict[str, float]) -> str:
+    """A grid row's values as the flags that set them, e.g. ``lr 0.01, momentum 0.9``."""
+    flags = {field.name: field.metadata["flag"].removeprefix("--") for field in dataclasses.fields(TrainConfig)}
+    return ", ".join(f"{flags[name]} {value:g}" for name, value in values.items())
+
+
+def grid_lines(results: tuple[EpochResult, ...], config: TrainConfig) -> str:
+    """The epoch of a grid: one line per configuration, each number the mean ± std over its seeds."""
+    from jaxmnist.sweeps import summarize
+
+    first = results[0]
+    compiled = f"compiled in {first.compile_seconds:.2f} s\n" if first.compile_seconds else ""
+    lines = [
+        f"{compiled}epoch {first.epoch}/{config.epochs}: {len(results)} runs, {first.seconds:.2f} s "
+        f"({first.samples_per_second:,.0f} images/s); mean ± std over {config.seeds} seed(s)"
+    ]
+    summaries = summarize(results)
+    width = max(len(values_label(summary.values)) for summary in summaries)
+    for summary in summaries:
+        validation = "" if summary.val_loss is None else f", val loss {summary.val_loss}"
+        lines.append(
+            f"  {values_label(summary.values):<{width}}  train loss {summary.train_loss}, test loss "
+            f"{summary.test_loss}, test accuracy {summary.test_accuracy}{validation}"
+        )
+    return "\n".join(lines)
+
+
+def grid_table(history: tuple[EpochResult, ...], config: TrainConfig) -> str:
+    """The grid's final epoch as a table (mean ± std over the seeds) and the best configuration, saying
+    whether validation or training loss chose it."""
+    from jaxmnist.sweeps import best_configuration, final_results, summarize
+
+    summaries = summarize(final_results(history))
+    best, criterion = best_configuration(summaries)
+    columns = ["train loss", "test accuracy"] + (["val loss"] if criterion == "val_loss" else [])
+    labels = [values_label(summary.values) for summary in summaries]
+    width = max(len("configuration"), *map(len, labels))
+    rows = [f"  {'configuration':<{width}}    " + "".join(f"{column:<19}" for column in columns).rstrip()]
+    for label, summary in zip(labels, summaries, strict=True):
+        cells = [summary.train_loss, summary.test_accuracy] + ([summary.val_loss] if criterion == "val_loss" else [])
+        marker = "*" if summary is best else " "
+        rows.append(f"  {label:<{width}}  {marker} " + "".join(f"{str(cell):<19}" for cell in cells).rstrip())
+    epoch = history[-1].epoch
+    chosen = (
+        "lowest mean validation loss"
+        if criterion == "val_loss"
+        else "lowest mean final training loss (no validation set: --val-split N chooses on held-out images)"
+    )
+    return (
+        f"after {epoch} epoch{'s' if epoch != 1 else ''}, mean ± std over {config.seeds} seed(s):\n"
+        + "\n".join(rows)
+        + f"\nbest: {values_label(best.values)} (*), {chosen}"
+    )
+
+
 def saved_model_bytes(config: TrainConfig, state) -> bytes:
     """A parameters file of ``state``'s model: parameters, carried collections and input shape."""
     return params_file_bytes(config, state.params, state.collections, state.image_shape)
@@ -131,7 +186,9 @@ class Reporter:
             return
         previous = self.history[-1] if self.history else None
         self.history = progress.history
-        if len(progress.results) > 1:
+        if progress.results[0].swept:
+            self.bar.write(grid_lines(progress.results, self.config))
+        elif len(progress.results) > 1:
             self.bar.write(band_lines(progress.results, self.config))
         else:
             self.bar.write(epoch_lines(progress.result, self.config, previous))

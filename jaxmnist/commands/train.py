@@ -24,8 +24,10 @@ from jaxmnist.commands.kit import (
     non_negative_int,
     positive_float,
     positive_int,
+    one_choice,
     report_error,
     report_internal_error,
+    value_list,
 )
 from jaxmnist.config import SettingsError, TrainConfig
 
@@ -45,7 +47,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         meta = field.metadata
         options = {"dest": field.name, "default": field.default, "help": meta["help"], "metavar": meta["metavar"]}
         if meta["kind"] == "choice":
-            options["choices"] = meta["choices"]
+            options.update(choices=meta["choices"], type=one_choice)
+        elif meta["sweepable"]:
+            options["type"] = value_list(ARGUMENT_TYPES[meta["kind"]])
         else:
             options["type"] = ARGUMENT_TYPES[meta["kind"]]
         parser.add_argument(meta["flag"], **options)

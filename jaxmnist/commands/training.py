@@ -82,10 +82,12 @@ def check_outputs(args: argparse.Namespace) -> None:
 
 def describe(config: TrainConfig, num_images: int, mesh, model_name: str, num_params: int) -> str:
     """One line: the model and its size, the optimization, the data and the devices."""
+    from jaxmnist.commands.reporting import values_label
+    from jaxmnist.config import grid_rows, num_runs, swept_settings
     from jaxmnist.parallel import padded_batch_width
 
     device = mesh.devices.flat[0]
-    dropout = f", dropout {config.dropout}" if config.dropout else ""
+    dropout = f", dropout {config.dropout}" if config.dropout and "dropout" not in swept_settings(config) else ""
     layers = "-".join(str(size) for size in (784, *config.hidden_sizes, 10))
     model = f"MLP {layers} ({config.activation}, {config.weight_init} init{dropout})"
     if config.model is not None:
@@ -97,11 +99,20 @@ def describe(config: TrainConfig, num_images: int, mesh, model_name: str, num_pa
     schedule = "" if config.schedule == "constant" else f" ({config.schedule} schedule)"
     held_out = f" ({config.val_split} held out for validation)" if config.val_split else ""
     epochs = f"{config.epochs} epoch{'s' if config.epochs != 1 else ''}"
-    if config.seeds > 1:
-        where += f", {config.seeds} seeds ({config.seed}..{config.seed + config.seeds - 1}) in one program"
+    swept = swept_settings(config)
+    seeds = f"{config.seeds} seeds ({config.seed}..{config.seed + config.seeds - 1})"
+    if swept:
+        axes = " × ".join(f"{len(values)} {values_label({name: values[0]}).split()[0]}" for name, values in swept.items())
+        where += (
+            f", {num_runs(config)} runs ({len(grid_rows(config))} configurations: {axes}; "
+            f"{seeds if config.seeds > 1 else f'seed {config.seed}'}) in one program"
+        )
+    elif config.seeds > 1:
+        where += f", {seeds} in one program"
+    rate = "swept" if "learning_rate" in swept else config.learning_rate
     return (
         f"{model}, {num_params:,} parameters, {config.loss} loss, "
-        f"{OPTIMIZER_NAMES[config.optimizer]} lr {config.learning_rate}{schedule}, batch {config.batch_size}, "
+        f"{OPTIMIZER_NAMES[config.optimizer]} lr {rate}{schedule}, batch {config.batch_size}, "
         f"{epochs}, {num_images - config.val_split} training images{held_out}, {config.dtype} on {where}"
     )
 
@@ -163,6 +174,12 @@ def _reporter(args: argparse.Namespace, config: TrainConfig, steps_per_epoch: in
 def _say_how_it_ended(config: TrainConfig, history, args: argparse.Namespace) -> None:
     from jaxmnist.loop import best_epoch, early_stop_due
 
+    from jaxmnist.commands.reporting import grid_table
+    from jaxmnist.config import swept_settings
+
+    if swept_settings(config) and history:
+        print(grid_table(tuple(history), config))
+        return
     best = best_epoch(history)
     if best is None or config.seeds > 1:
         return
@@ -177,7 +194,7 @@ def _train(
 ) -> int:
     from jaxmnist.checkpoint import checkpoint_path, save_checkpoint
     from jaxmnist.commands.reporting import OutputWriteError, saved_model_bytes, write_output
-    from jaxmnist.config import check_against_data, steps_per_epoch
+    from jaxmnist.config import check_against_data, num_runs, steps_per_epoch
     from jaxmnist.loop import early_stop_due, fit, start_of_run
     from jaxmnist.model import count_params
     from jaxmnist.runs import build_run, check_images
@@ -192,7 +209,7 @@ def _train(
     restored = _resume(args, config, fresh.state) if args.resume else None
     start = restored.progress if restored else fresh
     stop.arm()  # from the header line on, a first signal stops at a step boundary and saves
-    num_params = count_params(fresh.state.params) // config.seeds
+    num_params = count_params(fresh.state.params) // num_runs(config)
     print(describe(config, num_train_images, mesh, run.model.name, num_params), flush=True)
     if start.epoch > config.epochs or early_stop_due(start.history, config.early_stopping):
         print(

@@ -1,0 +1,86 @@
+"""A grid's results summed up: each configuration's final numbers over its seeds, and the best one.
+
+``fit`` trains a grid when settings are given as tuples (``TrainConfig(learning_rate=(0.01, 0.1),
+seeds=4)``); every ``EpochResult`` then names its values in ``swept``. These functions group the final
+epoch's results by those values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from jaxmnist.loop import EpochResult
+
+
+@dataclasses.dataclass(frozen=True)
+class Spread:
+    """Mean and standard deviation (``ddof=0``) of one number over a configuration's seeds."""
+
+    mean: float
+    std: float
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Spread:
+        array = np.asarray(values, np.float64)
+        return cls(float(array.mean()), float(array.std()))
+
+    def __str__(self) -> str:
+        return f"{self.mean:.4f} ± {self.std:.4f}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigurationSummary:
+    """One configuration of a grid at its last epoch: its values and its seeds' numbers."""
+
+    values: dict[str, float]
+    seeds: tuple[int, ...]
+    train_loss: Spread
+    test_loss: Spread
+    test_accuracy: Spread
+    val_loss: Spread | None
+
+
+def final_results(history: Sequence[EpochResult]) -> list[EpochResult]:
+    """The results of the last epoch in ``history`` (one per run)."""
+    return [result for result in history if history and result.epoch == history[-1].epoch]
+
+
+def summarize(results: Sequence[EpochResult]) -> list[ConfigurationSummary]:
+    """One summary per configuration (distinct ``swept`` values, in their order) of one epoch's results.
+
+    Example:
+        >>> from jaxmnist.loop import EpochResult
+        >>> results = [EpochResult(1, loss, 0, 0, 0.9, 1, 0, 0, seed=seed, swept={"learning_rate": rate})
+        ...            for rate, seed, loss in [(0.1, 0, 1.0), (0.1, 1, 3.0), (0.2, 0, 0.5), (0.2, 1, 0.5)]]
+        >>> [(s.values, str(s.train_loss)) for s in summarize(results)]
+        [({'learning_rate': 0.1}, '2.0000 ± 1.0000'), ({'learning_rate': 0.2}, '0.5000 ± 0.0000')]
+    """
+    groups: dict[tuple, list[EpochResult]] = {}
+    for result in results:
+        groups.setdefault(tuple(result.swept.items()), []).append(result)
+
+    def spread(members: list[EpochResult], name: str) -> Spread | None:
+        values = [getattr(member, name) for member in members]
+        return None if None in values else Spread.of(values)
+
+    return [
+        ConfigurationSummary(
+            values=dict(key),
+            seeds=tuple(member.seed for member in members),
+            train_loss=spread(members, "train_loss"),
+            test_loss=spread(members, "test_loss"),
+            test_accuracy=spread(members, "test_accuracy"),
+            val_loss=spread(members, "val_loss"),
+        )
+        for key, members in groups.items()
+    ]
+
+
+def best_configuration(summaries: Sequence[ConfigurationSummary]) -> tuple[ConfigurationSummary, str]:
+    """The configuration with the lowest mean validation loss, or training loss without validation, and
+    which of the two chose it (``"val_loss"`` or ``"train_loss"``); the first of equals."""
+    criterion = "val_loss" if all(summary.val_loss is not None for summary in summaries) else "train_loss"
+    return min(summaries, key=lambda summary: getattr(summary, criterion).mean), criterion

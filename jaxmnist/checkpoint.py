@@ -56,6 +56,11 @@ def config_differences(saved: TrainConfig, current: TrainConfig) -> list[tuple[s
     ]
 
 
+def _shown(value: Any) -> str:
+    """A setting's value in a message: a grid's list as ``0.01,0.03``, as its flag takes it."""
+    return ",".join(f"{item:g}" for item in value) if isinstance(value, tuple) else str(value)
+
+
 def checkpoint_paths(directory: PathArg) -> list[Path]:
     """The checkpoint files in ``directory``, oldest (fewest steps) first."""
     directory = Path(directory)
@@ -148,7 +153,9 @@ def restore_progress(path: PathArg, config: TrainConfig, template: TrainState) -
     differences = config_differences(saved_config, config)
     if differences:
         field, saved, current = differences[0]
-        raise CheckpointError(f"{path}: cannot resume, {field} is {saved} in the checkpoint but {current} now")
+        raise CheckpointError(
+            f"{path}: cannot resume, `{field}` is {_shown(saved)} in the checkpoint but {_shown(current)} now"
+        )
     template_dict = serialization.to_state_dict(template)
     for part, owner in (("params", "model"), ("collections", "model"), ("opt_state", "optimizer")):
         difference = tree_difference(payload.get("state", {}).get(part), template_dict.get(part))

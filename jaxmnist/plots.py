@@ -66,6 +66,28 @@ def plot_loss_band(history: Sequence[Any], path: str | os.PathLike | None = None
     return _finish(figure, axes, epochs, "jaxmnist: the lesson's MLP on MNIST, many seeds", path)
 
 
+def plot_grid_bands(history: Sequence[Any], path: str | os.PathLike | None = None) -> Any:
+    """A grid's training loss per epoch: for each configuration the mean over its seeds, and the
+    [min, max] band shaded; test loss dashed.
+
+    ``history`` holds ``EpochResult``s (one per run per epoch, ``swept`` naming the run's values). Returns
+    the figure."""
+    plt = _pyplot()
+    epochs = sorted({result.epoch for result in history})
+    configurations = list(dict.fromkeys(tuple(result.swept.items()) for result in history))
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for configuration in configurations:
+        members = [result for result in history if tuple(result.swept.items()) == configuration]
+        train = np.array([[r.train_loss for r in members if r.epoch == epoch] for epoch in epochs])
+        test = np.array([[r.test_loss for r in members if r.epoch == epoch] for epoch in epochs])
+        label = ", ".join(f"{name} {value:g}" for name, value in configuration)
+        (line,) = axes.plot(epochs, train.mean(axis=1), "o-", label=f"{label} ({train.shape[1]} seeds)")
+        axes.fill_between(epochs, train.min(axis=1), train.max(axis=1), alpha=0.25, color=line.get_color())
+        axes.plot(epochs, test.mean(axis=1), "--", color=line.get_color())
+    axes.set_yscale("log")
+    return _finish(figure, axes, epochs, "training loss (solid, [min, max] shaded), test loss (dashed)", path)
+
+
 def _finish(figure: Any, axes: Any, epochs: Sequence[int], title: str, path: str | os.PathLike | None) -> Any:
     """Labels a loss-per-epoch figure and, given ``path``, writes it and releases it."""
     axes.set_xlabel("epoch")

@@ -67,8 +67,9 @@ def grid_runs(config: TrainConfig) -> list[GridRun]:
     """Every run of ``config``: each grid row's ``seeds`` seeds, rows in ``grid_rows`` order.
 
     Example:
-        >>> [(run.values, run.seed) for run in grid_runs(TrainConfig(learning_rate=(0.1, 0.2), seeds=2))]
-        [({'learning_rate': 0.1}, 0), ({'learning_rate': 0.1}, 1), ({'learning_rate': 0.2}, 0), ({'learning_rate': 0.2}, 1)]
+        >>> config = TrainConfig(learning_rate=(0.1, 0.2), seeds=2)
+        >>> [(run.values["learning_rate"], run.seed) for run in grid_runs(config)]
+        [(0.1, 0), (0.1, 1), (0.2, 0), (0.2, 1)]
     """
     return [GridRun(values, seed, row) for row, values in enumerate(grid_rows(config)) for seed in seed_values(config)]
 
@@ -132,6 +133,11 @@ def check_images(images: np.ndarray, argument: str) -> tuple[int, ...]:
     return tuple(images.shape[1:])
 
 
+def settings_model(config: TrainConfig) -> ModelSource:
+    """The model the settings describe: ``config.model`` when set, else the lesson's MLP."""
+    return load_model(config.model) if config.model else from_object(build_model(config))
+
+
 def build_run(
     config: TrainConfig,
     image_shape: tuple[int, ...],
@@ -160,7 +166,7 @@ def build_run(
         ('MLP', 'nll', 0.003)
     """
     if model is None:
-        source = load_model(config.model) if config.model else from_object(build_model(config))
+        source = settings_model(config)
     else:
         source = model if isinstance(model, ModelSource) else from_object(model)
     if config.seeds > 1 and not source.per_seed:

@@ -156,4 +156,4 @@ def test_a_checkpoint_of_another_seed_count_is_refused(tiny_mnist_dir: Path, tmp
     assert main([*common, "--seeds", "2"]) == 0
     assert "mean ± std [min, max] of 2 seeds" in capsys.readouterr().out
     assert main([*common, "--seeds", "3", "--epochs", "2", "--resume"]) == 2
-    assert "seeds is 2 in the checkpoint but 3 now" in capsys.readouterr().err
+    assert "--seeds is 2 in the checkpoint but 3 now" in capsys.readouterr().err

@@ -170,7 +170,7 @@ def test_a_scheduled_run_may_not_resume_with_another_length(digits, tmp_path: Pa
     (images, labels), test = digits
     config = TrainConfig(epochs=2, batch_size=32, schedule="cosine")
     path = save_checkpoint(tmp_path, config, next(iter(fit(config, (images, labels), test))))
-    with pytest.raises(ValueError, match="epochs is 2 in the checkpoint but 3 now"):
+    with pytest.raises(ValueError, match="`epochs` is 2 in the checkpoint but 3 now"):
         longer = TrainConfig(epochs=3, batch_size=32, schedule="cosine")
         restore_progress(path, longer, template_state(longer, 320))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxmnist.commands.kit import (
+    ARGUMENT_TYPES,
     EXIT_BAD_INPUT,
     OneLineParser,
     configure_jax,
@@ -18,6 +20,7 @@ from jaxmnist.commands.kit import (
     positive_int,
     report_error,
 )
+from jaxmnist.config import TrainConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,11 +40,32 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="with parameters of several seeds (--seeds): use this seed's alone (default: the mean of all)",
     )
+    for field in dataclasses.fields(TrainConfig):
+        if field.metadata["sweepable"]:
+            flag = field.metadata["flag"]
+            parser.add_argument(
+                flag,
+                dest=field.name,
+                type=ARGUMENT_TYPES[field.metadata["kind"]],
+                default=None,
+                metavar=field.metadata["metavar"],
+                help=f"with parameters of a grid that lists {flag} values: use the runs of this one",
+            )
     parser.add_argument("--top", type=positive_int, default=3, help="how many digits to show per image (default 3)")
     parser.add_argument(
         "images", type=Path, nargs="+", metavar="IMAGE", help="28x28 (or larger, resized) digit images, e.g. PNG"
     )
     return parser
+
+
+def _flags() -> dict[str, str]:
+    return {field.name: field.metadata["flag"] for field in dataclasses.fields(TrainConfig)}
+
+
+def _grid_values(args: argparse.Namespace) -> dict[str, float]:
+    """The grid configuration the flags name: each sweepable setting given."""
+    names = [field.name for field in dataclasses.fields(TrainConfig) if field.metadata["sweepable"]]
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -59,13 +83,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = saved.config
     configure_jax(config.dtype == "float64", compile_cache=False)
     try:
-        probabilities = predict_probabilities(config, saved.params, images, args.seed, saved.collections)
+        probabilities = predict_probabilities(
+            config, saved.params, images, args.seed, saved.collections, _grid_values(args)
+        )
     except ModelSpecError as error:  # the model file moved, or builds other parameters now
         print(f"error: {args.params}: {in_flag_terms(str(error), {'model': 'the recorded model'})}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except ValueError as error:
-        report_error(error, {"seed": "--seed"}, debug=False)
+        report_error(error, {"seed": "--seed", **_flags()}, debug=False)
         return EXIT_BAD_INPUT
+    values = _grid_values(args)
+    if values:
+        print(f"configuration {', '.join(f'{_flags()[name]} {value:g}' for name, value in values.items())}")
     if config.seeds > 1:
         seeds = f"{config.seeds} seeds ({config.seed}..{config.seed + config.seeds - 1})"
         print(f"seed {args.seed} of {seeds}" if args.seed is not None else f"ensemble: mean probability of {seeds}")

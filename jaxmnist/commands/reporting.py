@@ -102,7 +102,7 @@ def grid_table(history: tuple[EpochResult, ...], config: TrainConfig) -> str:
     for label, summary in zip(labels, summaries, strict=True):
         cells = [summary.train_loss, summary.test_accuracy] + ([summary.val_loss] if criterion == "val_loss" else [])
         marker = "*" if summary is best else " "
-        rows.append(f"  {label:<{width}}  {marker} " + "".join(f"{str(cell):<19}" for cell in cells).rstrip())
+        rows.append(f"  {label:<{width}}  {marker} " + "".join(f"{cell!s:<19}" for cell in cells).rstrip())
     epoch = history[-1].epoch
     chosen = (
         "lowest mean validation loss"
@@ -119,6 +119,13 @@ def grid_table(history: tuple[EpochResult, ...], config: TrainConfig) -> str:
 def saved_model_bytes(config: TrainConfig, state) -> bytes:
     """A parameters file of ``state``'s model: parameters, carried collections and input shape."""
     return params_file_bytes(config, state.params, state.collections, state.image_shape)
+
+
+def metrics_record(result: EpochResult) -> dict:
+    """One ``--metrics-out`` record: the result's fields, a grid run's values among them (``"momentum": 0.9``)."""
+    record = dataclasses.asdict(result)
+    record.update(record.pop("swept"))
+    return record
 
 
 class OutputWriteError(OSError):
@@ -202,7 +209,7 @@ class Reporter:
 
     def _write_metrics(self) -> None:
         if self.metrics_out is not None:
-            lines = "".join(json.dumps(dataclasses.asdict(result)) + "\n" for result in self.history)
+            lines = "".join(json.dumps(metrics_record(result)) + "\n" for result in self.history)
             write_output(self.metrics_out, lines.encode())
 
     def close(self) -> None:
@@ -214,8 +221,15 @@ class Reporter:
         """The loss curves of every finished epoch, resumed ones included, into ``plot``."""
         if self.plot is None or not self.history:
             return
-        from jaxmnist.plots import plot_loss_band, plot_losses
+        from jaxmnist.plots import plot_grid_bands, plot_loss_band, plot_losses
 
+        if self.history[0].swept:
+            try:
+                plot_grid_bands(self.history, self.plot)
+            except OSError as error:
+                raise OutputWriteError(self.plot, error) from error
+            print(f"loss plot of every configuration written to {self.plot}")
+            return
         if self.config.seeds > 1:
             try:
                 plot_loss_band(self.history, self.plot)

@@ -24,46 +24,80 @@ def _hparam(value: object) -> object:
     return value if isinstance(value, int | float | str | bool) else str(value)
 
 
+def _folder_name(values: dict[str, float]) -> str:
+    """A grid configuration's run folder, e.g. ``learning_rate=0.01,momentum=0.9``."""
+    return ",".join(f"{name}={value:g}" for name, value in values.items())
+
+
 class TensorBoardLog:
     """Per-epoch scalars (losses, accuracies, learning rate), the batch loss every ``every`` steps, and the
-    run's settings as hparams (written at the end, with the best or final metrics)."""
+    run's settings as hparams (written at the end, with the best or final metrics).
+
+    A grid writes one run folder per configuration (``DIR/learning_rate=0.01``), each with the scalars of
+    its seeds and hparams holding its values."""
 
     def __init__(self, folder: Path, config: TrainConfig, steps_per_epoch: int, every: int):
         from tensorboardX import SummaryWriter
 
-        self.writer = SummaryWriter(logdir=str(folder))
+        from jaxmnist.runs import grid_runs
+
         self.config, self.steps_per_epoch, self.every = config, steps_per_epoch, every
+        runs = grid_runs(config)
+        self.groups = []  # each configuration: its writer, the positions of its runs, its values
+        for row in dict.fromkeys(run.row for run in runs):
+            members = [position for position, run in enumerate(runs) if run.row == row]
+            values = runs[members[0]].values
+            writer = SummaryWriter(logdir=str(folder / _folder_name(values) if values else folder))
+            self.groups.append((writer, members, values))
 
     def steps(self, progress: Progress, first_position: int) -> None:
         """The batch losses of the steps ``first_position .. progress.position`` of the epoch."""
         before = (progress.epoch - 1) * self.steps_per_epoch
+        losses = progress.step_losses.reshape(-1, progress.step_losses.shape[-1])
         for position in range(first_position, progress.position):
             if (before + position + 1) % self.every == 0:
-                loss = float(np.mean(progress.step_losses[..., position]))  # several seeds: their mean
-                self.writer.add_scalar("batch/loss", loss, before + position + 1)
+                for writer, members, _ in self.groups:  # several seeds: their mean
+                    writer.add_scalar("batch/loss", float(np.mean(losses[members, position])), before + position + 1)
 
     def epoch(self, results: tuple[EpochResult, ...]) -> None:
         """The epoch's scalars; with several seeds their mean, and ``_min``/``_max`` beside it."""
-        for name in ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "val_loss", "val_accuracy",
-                     "learning_rate"):  # fmt: skip
-            values = [getattr(result, name) for result in results]
-            if None in values:
-                continue
-            self.writer.add_scalar(f"epoch/{name}", float(np.mean(values)), results[0].epoch)
-            if len(results) > 1:
-                self.writer.add_scalar(f"epoch/{name}_min", min(values), results[0].epoch)
-                self.writer.add_scalar(f"epoch/{name}_max", max(values), results[0].epoch)
-        for name in results[0].metrics:  # the loss's own metrics, the mean of the seeds'
-            mean = float(np.mean([result.metrics[name] for result in results]))
-            self.writer.add_scalar(f"epoch/{name}", mean, results[0].epoch)
-        self.writer.flush()
+        for writer, members, _ in self.groups:
+            _epoch_scalars(writer, [results[member] for member in members])
 
     def close(self, history: tuple[EpochResult, ...]) -> None:
-        if history:
-            best = best_epoch(history)
-            metrics = {"hparam/test_accuracy": history[-1].test_accuracy, "hparam/train_loss": history[-1].train_loss}
-            if best is not None:
-                metrics.update({"hparam/best_val_loss": best.val_loss, "hparam/best_epoch": best.epoch})
-            hparams = {name: _hparam(value) for name, value in config_to_dict(self.config).items()}
-            self.writer.add_hparams(hparams, metrics, name="hparams")
-        self.writer.close()
+        for writer, _, values in self.groups:
+            own = [result for result in history if result.swept == values]
+            if own:
+                _hparams(writer, self.config, values, own)
+            writer.close()
+
+
+def _epoch_scalars(writer, results: list[EpochResult]) -> None:
+    for name in ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "val_loss", "val_accuracy",
+                 "learning_rate"):  # fmt: skip
+        values = [getattr(result, name) for result in results]
+        if None in values:
+            continue
+        writer.add_scalar(f"epoch/{name}", float(np.mean(values)), results[0].epoch)
+        if len(results) > 1:
+            writer.add_scalar(f"epoch/{name}_min", min(values), results[0].epoch)
+            writer.add_scalar(f"epoch/{name}_max", max(values), results[0].epoch)
+    for name in results[0].metrics:  # the loss's own metrics, the mean of the seeds'
+        mean = float(np.mean([result.metrics[name] for result in results]))
+        writer.add_scalar(f"epoch/{name}", mean, results[0].epoch)
+    writer.flush()
+
+
+def _hparams(writer, config: TrainConfig, values: dict[str, float], history: list[EpochResult]) -> None:
+    """The settings (a grid configuration's own values in place of the lists) and the final metrics, as the
+    mean of the seeds' for a grid configuration."""
+    last = [result for result in history if result.epoch == history[-1].epoch]
+    metrics = {
+        "hparam/test_accuracy": float(np.mean([result.test_accuracy for result in last])),
+        "hparam/train_loss": float(np.mean([result.train_loss for result in last])),
+    }
+    best = None if values else best_epoch(history)
+    if best is not None:
+        metrics.update({"hparam/best_val_loss": best.val_loss, "hparam/best_epoch": best.epoch})
+    hparams = {name: _hparam(value) for name, value in {**config_to_dict(config), **values}.items()}
+    writer.add_hparams(hparams, metrics, name="hparams")

@@ -102,7 +102,9 @@ def describe(config: TrainConfig, num_images: int, mesh, model_name: str, num_pa
     swept = swept_settings(config)
     seeds = f"{config.seeds} seeds ({config.seed}..{config.seed + config.seeds - 1})"
     if swept:
-        axes = " × ".join(f"{len(values)} {values_label({name: values[0]}).split()[0]}" for name, values in swept.items())
+        axes = " × ".join(
+            f"{len(values)} {values_label({name: values[0]}).split()[0]}" for name, values in swept.items()
+        )
         where += (
             f", {num_runs(config)} runs ({len(grid_rows(config))} configurations: {axes}; "
             f"{seeds if config.seeds > 1 else f'seed {config.seed}'}) in one program"
@@ -172,10 +174,9 @@ def _reporter(args: argparse.Namespace, config: TrainConfig, steps_per_epoch: in
 
 
 def _say_how_it_ended(config: TrainConfig, history, args: argparse.Namespace) -> None:
-    from jaxmnist.loop import best_epoch, early_stop_due
-
     from jaxmnist.commands.reporting import grid_table
     from jaxmnist.config import swept_settings
+    from jaxmnist.loop import best_epoch, early_stop_due
 
     if swept_settings(config) and history:
         print(grid_table(tuple(history), config))
@@ -230,7 +231,7 @@ def _train(
                 steps_per_call=args.checkpoint_every,
                 max_loss=args.max_loss,
                 mesh=mesh if mesh.size > 1 else None,
-                model=run.model,
+                model=run.model if config.model else None,  # the lesson's MLP: built by fit, per grid row
             )
             for progress in steps:
                 # The metrics record goes first: a kill before the checkpoint redoes the epoch, and the

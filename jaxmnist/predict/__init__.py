@@ -9,6 +9,7 @@ spec its parameters file records (``--model FILE.py:NAME``), with its carried co
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -44,35 +45,44 @@ def read_digit_image(path: str | os.PathLike, image_shape: tuple[int, ...] = (IM
 
 
 def predict_probabilities(
-    config: TrainConfig, params: Any, images: np.ndarray, seed: int | None = None, collections: Any = None
+    config: TrainConfig,
+    params: Any,
+    images: np.ndarray,
+    seed: int | None = None,
+    collections: Any = None,
+    values: dict[str, float] | None = None,
 ) -> np.ndarray:
     """Class probabilities ``(N, classes)`` of uint8 ``images`` under a trained model's config and parameters.
 
     The model is the one ``config`` describes (``config.model``, or the lesson's MLP), run in inference
     mode with its carried ``collections`` (e.g. BatchNorm's running statistics). Parameters of several
-    seeds (``config.seeds`` > 1, stacked) give the ensemble's mean probability, or those of ``seed`` alone.
+    runs (stacked: ``config.seeds`` > 1, or a grid) give the mean probability of the runs chosen: those
+    of the grid configuration ``values`` names (every swept setting's value, e.g.
+    ``{"learning_rate": 0.01}``), and of ``seed`` alone when it is given.
 
     Raises:
-        ValueError: ``seed`` is not one of the parameters' seeds.
+        ValueError: ``seed`` or ``values`` do not name runs of these parameters (a grid needs ``values``).
         jaxmnist.model_source.ModelSpecError: the model no longer builds parameters like these.
     """
     import jax
     import optax
 
     from jaxmnist.checkpoint import tree_difference
+    from jaxmnist.config import num_runs, swept_settings
     from jaxmnist.model_source import ModelSpecError
     from jaxmnist.normalization import normalize
-    from jaxmnist.runs import build_run, run_keys, seed_values
+    from jaxmnist.runs import grid_runs, run_keys, settings_model
     from jaxmnist.train import create_train_state
 
     collections = collections or {}
-    run = build_run(config, images.shape[1:], 1, optimizer=optax.identity())
+    chosen = _chosen_runs(grid_runs(config), swept_settings(config), values or {}, seed)
     init_key = run_keys(config.seed)[0]
     template = create_train_state(
-        init_key, run.model.build(init_key), optax.identity(), input_shape=(1, *images.shape[1:])
+        init_key, settings_model(config).build(init_key), optax.identity(), input_shape=(1, *images.shape[1:])
     )
-    one_seed = params if config.seeds == 1 else jax.tree.map(lambda leaf: leaf[0], params)
-    difference = tree_difference(one_seed, template.params)
+    stacked = num_runs(config) > 1
+    one_run = jax.tree.map(lambda leaf: leaf[0], params) if stacked else params
+    difference = tree_difference(one_run, template.params)
     if difference is not None:
         raise ModelSpecError(f"{config.model or 'the MLP'} no longer builds the saved parameters: {difference}")
     inputs = normalize(images, np.dtype(config.dtype))
@@ -80,15 +90,34 @@ def predict_probabilities(
     def probabilities(params: Any, collections: Any) -> jax.Array:
         return jax.nn.softmax(template.replace(params=params, collections=collections).apply_model(inputs)[0])
 
-    if config.seeds == 1:
-        if seed not in (None, config.seed):
-            raise ValueError(f"`seed`={seed}: these parameters are of seed {config.seed} alone")
+    if not stacked:
         return np.asarray(probabilities(params, collections))
-    each = np.asarray(jax.vmap(probabilities)(params, collections))
-    if seed is None:
-        return each.mean(axis=0)
-    if seed not in seed_values(config):
-        raise ValueError(
-            f"`seed`={seed}: these parameters are of seeds {config.seed}..{config.seed + config.seeds - 1}"
-        )
-    return each[seed - config.seed]
+    pick = partial(jax.tree.map, lambda leaf: leaf[np.asarray(chosen)])
+    return np.asarray(jax.vmap(probabilities)(pick(params), pick(collections))).mean(axis=0)
+
+
+def _chosen_runs(
+    runs: list, swept: dict[str, tuple[float, ...]], values: dict[str, float], seed: int | None
+) -> list[int]:
+    """The positions of the runs that ``values`` and ``seed`` name; ``ValueError`` saying what is missing."""
+    unknown = sorted(set(values) - set(swept))
+    if unknown:
+        listed = f"lists only {', '.join(f'`{name}`' for name in swept)}" if swept else "is not a grid"
+        raise ValueError(f"`{unknown[0]}`={values[unknown[0]]}: the run {listed}")
+    missing = [name for name in swept if name not in values]
+    if missing and len(swept[missing[0]]) > 1:
+        choices = ", ".join(f"{value:g}" for value in swept[missing[0]])
+        raise ValueError(f"these parameters are of a grid: give `{missing[0]}` (one of {choices}) to pick its runs")
+    for name, value in values.items():
+        if value not in swept[name]:
+            choices = ", ".join(f"{option:g}" for option in swept[name])
+            raise ValueError(f"`{name}`={value:g} is not among the grid's values ({choices})")
+    chosen = [
+        index for index, run in enumerate(runs) if all(run.values[name] == value for name, value in values.items())
+    ]
+    if seed is not None:
+        seeds = sorted({runs[index].seed for index in chosen})
+        chosen = [index for index in chosen if runs[index].seed == seed]
+        if not chosen:
+            raise ValueError(f"`seed`={seed}: these parameters are of seeds {seeds[0]}..{seeds[-1]}")
+    return chosen

@@ -17,6 +17,7 @@ batches and scaled to a whole epoch of 938. Also measured: ``import jaxmnist``, 
 time with a cold and a warm compilation cache, and the peak RSS of a 5-epoch CLI run.
 
     python scripts/benchmark.py --seeds 16 --epochs 2   # N seeds together vs apart, beside the GEMM floor
+    python scripts/benchmark.py --grid 0.001,0.003,0.01,0.03 --seeds 4 --epochs 2   # a grid in one program
 
 ``--seeds N`` times N seeds in one vmapped program against N single-seed runs one after another (in one
 process, and as N commands with a fresh compilation cache) and N tuned PyTorch runs; the floor is the
@@ -166,14 +167,16 @@ def worker_torch_lesson(args: argparse.Namespace) -> dict:
 
 
 def worker_jaxmnist_seeds(args: argparse.Namespace) -> dict:
-    """Epoch seconds, as ``fit`` reports them, of ``--seeds`` runs in one vmapped program (with 1: ``fit``'s
-    plain loop), after one untimed epoch."""
+    """Epoch seconds, as ``fit`` reports them, of ``--seeds`` runs (times the ``--rates`` grid) in one
+    vmapped program (one run: ``fit``'s plain loop), after one untimed epoch."""
     from jaxmnist.config import TrainConfig
     from jaxmnist.data import load_mnist
     from jaxmnist.loop import fit
 
     data = load_mnist("train", args.data_dir), load_mnist("test", args.data_dir)
-    history = list(fit(TrainConfig(seeds=args.seeds, epochs=args.epochs + 1), *data))
+    rates = tuple(float(rate) for rate in args.rates.split(",")) if args.rates else 0.003
+    config = TrainConfig(seeds=args.seeds, epochs=args.epochs + 1, learning_rate=rates)
+    history = list(fit(config, *data))
     return {"epoch_seconds": [p.results[0].seconds for p in history if p.results][1:]}
 
 
@@ -295,9 +298,49 @@ def seeds_benchmark(args: argparse.Namespace) -> dict:
             "one_command_peak_rss_mib": rss}  # fmt: skip
 
 
+def grid_benchmark(args: argparse.Namespace) -> dict:
+    """A grid of learning rates × seeds as one command against one command per run; the peak RSS of 64
+    runs; and the steady epoch per run of 16 and 64 runs in one program beside a single run's."""
+    rates, n, epochs = args.grid.split(","), args.seeds, args.epochs
+    env = {**os.environ, **({"JAXMNIST_DATA_DIR": str(args.data_dir)} if args.data_dir else {})}
+    with tempfile.TemporaryDirectory() as cache:
+        env["XDG_CACHE_HOME"] = cache  # every command compiles for itself, as on a fresh machine
+        command = [sys.executable, "-m", "jaxmnist.train", "--epochs", str(epochs), "--quiet"]
+        one_command, rss = timed_command([*command, "--lr", args.grid, "--seeds", str(n)], env)
+        separate = [timed_command([*command, "--lr", rate, "--seed", str(seed)], env)[0]
+                    for rate in rates for seed in range(n)]  # fmt: skip
+        rss_64 = timed_command([*command[:3], "--epochs", "1", "--quiet", "--lr", args.grid, "--seeds",
+                                str(64 // len(rates))], env)[1]  # fmt: skip
+    runs = len(rates) * n
+    print(f"\n{len(rates)} rates x {n} seeds x {epochs} epochs: one command {one_command:.1f} s, {runs} commands "
+          f"{sum(separate):.1f} s: {sum(separate) / one_command:.1f}x faster; peak RSS {rss:.0f} MiB "
+          f"({runs} runs), {rss_64:.0f} MiB (64 runs)")  # fmt: skip
+    single, per_run = [], {count: [] for count in (16, 64)}
+    for _ in range(args.repeats):  # interleaved, so machine noise hits every size alike
+        single.append(statistics.median(run_worker("jaxmnist_seeds", args, seeds=1, rates="")["epoch_seconds"]))
+        for count in per_run:
+            epoch = statistics.median(
+                run_worker("jaxmnist_seeds", args, seeds=count // 4, rates=args.grid)["epoch_seconds"]
+            )
+            per_run[count].append(epoch / count)
+    print(f"steady epoch, one run: {statistics.median(single):.3f} s (median of {args.repeats})")
+    for count, values in per_run.items():
+        ratios = [value / one for value, one in zip(values, single)]
+        print(f"  {count:>4} runs in one program: {statistics.median(values):.3f} s per run-epoch, "
+              f"{statistics.median(ratios):.2f}x a single run's epoch")  # fmt: skip
+    return {
+        "one_command_seconds": one_command,
+        "separate_commands_seconds": separate,
+        "peak_rss_mib": rss,
+        "peak_rss_64_runs_mib": rss_64,
+        "single_epoch_seconds": single,
+        "per_run_epoch_seconds": per_run,
+    }
+
+
 def run_worker(name: str, args: argparse.Namespace, source: Path | None = None, **overrides) -> dict:
     options = {"epochs": args.epochs, "batch_size": 64, "lesson_steps": args.lesson_steps, "seeds": args.seeds,
-               **overrides}  # fmt: skip
+               "rates": "", **overrides}  # fmt: skip
     command = [sys.executable, __file__, "--worker", name] + [
         f"--{key.replace('_', '-')}={value}" for key, value in options.items()
     ]
@@ -375,12 +418,24 @@ def main() -> int:
         metavar="N",
         help="instead: N seeds in one program against N separate runs and N PyTorch runs, with the GEMM floor",
     )
+    parser.add_argument(
+        "--grid",
+        default=None,
+        metavar="LR,LR,...",
+        help="instead: these learning rates x --seeds as one command against one command per run, the peak RSS of "
+        "64 runs, and the epoch per run of 16 and 64 runs in one program beside a single run's",
+    )
+    parser.add_argument("--rates", default="", help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--batch-size", type=int, default=64, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         result = WORKERS[args.worker](args)
         print(json.dumps({**result, "peak_rss_mib": peak_rss_mib()}))
+        return 0
+    if args.grid:
+        args.json.write_text(json.dumps(grid_benchmark(args), indent=1))
+        print(f"wrote {args.json}")
         return 0
     if args.seeds:
         args.json.write_text(json.dumps(seeds_benchmark(args), indent=1))

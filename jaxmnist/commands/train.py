@@ -29,7 +29,7 @@ from jaxmnist.commands.kit import (
     report_internal_error,
     value_list,
 )
-from jaxmnist.config import SettingsError, TrainConfig
+from jaxmnist.config import SettingsError, TrainConfig, num_runs
 
 PROG = "python -m jaxmnist.train"
 RUN_FLAGS = {"num_devices": "--devices", "platform": "--platform", "train_data": "the training set",
@@ -200,8 +200,6 @@ def _check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Nam
     distributed = (args.coordinator, args.num_processes, args.process_id)
     if any(value is not None for value in distributed) and None in distributed:
         parser.error("arguments --coordinator, --num-processes and --process-id go together")
-    if args.save_best is not None and args.seeds > 1:
-        parser.error("argument --save-best: picks one epoch of one run, not of --seeds runs")
     if args.save_best is not None and not args.val_split:
         parser.error("argument --save-best: needs --val-split N, the held-out images that choose the best epoch")
     if args.num_processes is not None and args.process_id >= args.num_processes:
@@ -218,6 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from_args(args)
     except SettingsError as error:
         parser.error(in_flag_terms(str(error), flags))
+    if args.save_best is not None and num_runs(config) > 1:
+        parser.error("argument --save-best: picks one epoch of one run, not of --seeds runs or a grid")
     from jaxmnist.checkpoint import CheckpointError
     from jaxmnist.commands.stopping import GracefulStop, run_in_worker
     from jaxmnist.commands.training import OutputError, run

@@ -210,16 +210,11 @@ def initial_state(config: TrainConfig, run: Run) -> TrainState:
     the memory the program needs is estimated from the first, and a grid too large is refused
     (``RunError``).
     """
-    states = []
-    for grid_run in grid_runs(config):
-        init_key = run_keys(grid_run.seed)[0]
-        module = run.model.build(init_key)
-        if "dropout" in grid_run.values:
-            module = module.clone(dropout_rate=grid_run.values["dropout"])
-        optimizer = run.row_optimizers[grid_run.row] if run.row_optimizers else run.optimizer
-        states.append(_one_state(run, module, init_key, optimizer))
-        if len(states) == 1 and num_runs(config) > 1:
-            check_memory(config, states[0], run.num_train_images)
+    first_run = GridRun(grid_rows(config)[0], config.seed)
+    states = [_run_state(run, first_run)]
+    if num_runs(config) > 1:  # refused before the other runs are listed or built
+        check_memory(config, states[0], run.num_train_images)
+        states += [_run_state(run, grid_run) for grid_run in grid_runs(config)[1:]]
     if len(states) == 1:
         return states[0]
     # One program for every run: the first run's calling convention and optimizer, whose update reads
@@ -229,7 +224,13 @@ def initial_state(config: TrainConfig, run: Run) -> TrainState:
     return jax.tree.map(lambda *leaves: jnp.stack(leaves), *(state.replace(**shared) for state in states))
 
 
-def _one_state(run: Run, module: Model, init_key: jax.Array, optimizer: optax.GradientTransformation) -> TrainState:
+def _run_state(run: Run, grid_run: GridRun) -> TrainState:
+    """The initial state of one run: its seed's weights, its row's optimizer and dropout rate."""
+    init_key = run_keys(grid_run.seed)[0]
+    module = run.model.build(init_key)
+    if "dropout" in grid_run.values:
+        module = module.clone(dropout_rate=grid_run.values["dropout"])
+    optimizer = run.row_optimizers[grid_run.row] if run.row_optimizers else run.optimizer
     try:
         return create_train_state(init_key, module, optimizer, loss=run.loss, input_shape=(1, *run.image_shape))
     except (ModelCallError, TypeError) as error:  # a __call__ or a loss that cannot be called as asked

@@ -95,7 +95,7 @@ def test_only_the_newest_k_checkpoints_are_kept(small_data, tmp_path: Path):
 )
 def test_resuming_with_another_configuration_is_refused_naming_the_setting(small_data, tmp_path, change, named):
     path = save_checkpoint(tmp_path, SMALL, next(iter(fit(SMALL, *small_data))))
-    with pytest.raises(CheckpointError, match=f"cannot resume, {named} is"):
+    with pytest.raises(CheckpointError, match=f"cannot resume, `{named}` is"):
         restore_progress(path, TrainConfig(**{**SMALL.__dict__, **change}), template_state(SMALL, 200))
     restore_progress(path, TrainConfig(**{**SMALL.__dict__, "epochs": 9, "loop": "step"}), template_state(SMALL, 200))
 

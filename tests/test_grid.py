@@ -1,0 +1,261 @@
+"""Grids in one program: every (values, seed) of a grid is the run of those values and that seed alone."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import chex
+import jax
+import numpy as np
+import optax
+import pytest
+from PIL import Image
+
+from jaxmnist.checkpoint import restore_progress, save_checkpoint
+from jaxmnist.commands import predict
+from jaxmnist.commands.train import main
+from jaxmnist.config import SettingsError, TrainConfig, grid_rows, num_runs
+from jaxmnist.loop import DivergenceError, fit
+from jaxmnist.predict import predict_probabilities
+from jaxmnist.runs import RunError, build_run, estimated_bytes, grid_runs, initial_state
+from jaxmnist.sweeps import best_configuration, final_results, summarize
+
+from conftest import kept, make_digits, template_state, train_exit_code
+
+
+@pytest.fixture(scope="module")
+def small_data():
+    return make_digits(256, seed=8), make_digits(64, seed=9)
+
+
+def _last(config: TrainConfig, data, **options):
+    return list(fit(config, *data, **options))[-1]
+
+
+def _alone(config: TrainConfig, values: dict, seed: int) -> TrainConfig:
+    return dataclasses.replace(config, **values, seed=seed, seeds=1)
+
+
+def _assert_each_run_is_its_run_alone(config: TrainConfig, data, rtol: float) -> None:
+    grid = _last(config, data)
+    assert len(grid.results) == num_runs(config)
+    for row, result in enumerate(grid.results):
+        alone = _last(_alone(config, result.swept, result.seed), data)
+        assert abs(result.train_loss - alone.result.train_loss) <= rtol * alone.result.train_loss
+        assert abs(result.test_loss - alone.result.test_loss) <= rtol * alone.result.test_loss
+        mine = jax.tree.map(lambda leaf, row=row: leaf[row], grid.state.params)
+        chex.assert_trees_all_close(mine, alone.state.params, rtol=rtol, atol=rtol * 1e-2)
+
+
+def test_each_run_of_a_rate_and_momentum_grid_is_its_run_alone_to_1e12_in_float64(small_data):
+    # Seeds in a grid: the slow tests below.
+    with jax.enable_x64(True):
+        config = TrainConfig(
+            epochs=2, batch_size=32, dtype="float64", optimizer="momentum", learning_rate=(0.01, 0.1),
+            momentum=(0.5, 0.9), seed=3,
+        )  # fmt: skip
+        _assert_each_run_is_its_run_alone(config, small_data, rtol=1e-12)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"dropout": (0.0, 0.3)},  # a rate of 0 in a grid draws masks that keep everything: the plain layer's numbers
+        {"optimizer": "adamw", "weight_decay": (0.0, 0.1)},
+        {"optimizer": "nesterov", "momentum": (0.5, 0.9), "schedule": "cosine"},
+    ],
+)
+def test_each_run_of_a_dropout_decay_or_scheduled_momentum_grid_is_its_run_alone_in_float64(small_data, settings):
+    # optax's Adam bias correction and cosine schedule mix Python floats with an int32 count in float64
+    # mode, which strict promotion refuses: that is optax's code, not the grid's.
+    promotion = "strict" if settings.get("optimizer") is None else "standard"
+    with jax.enable_x64(True), jax.numpy_dtype_promotion(promotion):
+        config = TrainConfig(epochs=2, batch_size=32, dtype="float64", seeds=2, **settings)
+        _assert_each_run_is_its_run_alone(config, small_data, rtol=1e-12)
+
+
+@pytest.mark.slow
+def test_each_run_of_a_rate_grid_matches_its_run_alone_over_the_first_100_steps_in_float32():
+    data = make_digits(6400, seed=10), make_digits(64, seed=11)
+    config = TrainConfig(epochs=1, learning_rate=(0.003, 0.03), seeds=2)
+    grid = _last(config, data)
+    for row, run in enumerate(grid_runs(config)):
+        alone = _last(_alone(config, run.values, run.seed), data)
+        relative = np.abs(grid.step_losses[row] - alone.step_losses) / alone.step_losses
+        assert grid.step_losses.shape == (4, 100) and relative.max() <= 1e-5
+
+
+def test_the_runs_are_every_combination_of_the_values_times_the_seeds():
+    config = TrainConfig(optimizer="momentum", learning_rate=(0.1, 0.2, 0.3), momentum=(0.5, 0.9), seeds=2, seed=7)
+    runs = grid_runs(config)
+    assert num_runs(config) == len(runs) == 12
+    assert grid_rows(config)[:3] == [
+        {"learning_rate": 0.1, "momentum": 0.5},
+        {"learning_rate": 0.1, "momentum": 0.9},
+        {"learning_rate": 0.2, "momentum": 0.5},
+    ]
+    assert [(run.values["momentum"], run.seed) for run in runs[:4]] == [(0.5, 7), (0.5, 8), (0.9, 7), (0.9, 8)]
+
+
+def test_every_run_holds_its_own_hyperparameters_in_its_state():
+    config = TrainConfig(optimizer="momentum", learning_rate=(0.1, 0.2), momentum=(0.5, 0.9), dropout=(0.0, 0.25))
+    state = initial_state(config, build_run(config, (28, 28), 640))
+    hyperparameters = state.opt_state.hyperparams
+    expected = [(run.values["learning_rate"], run.values["momentum"]) for run in grid_runs(config)]
+    np.testing.assert_allclose(np.stack([hyperparameters["learning_rate"], hyperparameters["momentum"]], 1), expected)
+    keep = state.collections["hyperparameters"]["dropout_keep_probability"]
+    np.testing.assert_allclose(keep, [1 - run.values["dropout"] for run in grid_runs(config)])
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"learning_rate": (0.1, 0.1)}, "`learning_rate` lists 0.1 twice"),
+        ({"learning_rate": (0.1, -1.0)}, "`learning_rate` must be a finite number > 0, got -1.0"),
+        ({"learning_rate": ()}, "`learning_rate` lists no values"),
+        ({"dropout": (0.5, 1.0)}, "`dropout` must be in [0, 1), got 1.0"),
+        ({"momentum": (0.5, 0.9)}, "`momentum` is for optimizer 'momentum' or 'nesterov'"),
+        ({"learning_rate": (0.1, 0.2), "schedule": "cosine"}, "run each rate as its own run"),
+        ({"learning_rate": (0.1, 0.2), "val_split": 10, "early_stopping": 2}, "`early_stopping` stops one run"),
+    ],
+)
+def test_bad_grids_are_refused_naming_the_setting(settings, message):
+    with pytest.raises(SettingsError) as error:
+        TrainConfig(**settings)
+    assert message in str(error.value)
+
+
+def test_a_grid_of_the_settings_optimizer_or_model_is_refused_with_another_given(small_data):
+    with pytest.raises(RunError, match="`learning_rate` lists values for the optimizer the settings describe"):
+        list(fit(TrainConfig(learning_rate=(0.1, 0.2)), *small_data, optimizer=optax.adam(1e-3)))
+    from jaxmnist.model import MLP
+
+    with pytest.raises(RunError, match="`dropout` lists rates for the lesson's MLP, and `model` is given"):
+        list(fit(TrainConfig(dropout=(0.1, 0.2)), *small_data, model=MLP()))
+
+
+def test_a_grid_too_large_for_memory_is_refused_with_the_figure_before_building_its_runs(monkeypatch):
+    config = TrainConfig(learning_rate=(0.1, 0.2), seeds=2**31)  # 2**32 runs: listing them would take hours
+    run = build_run(config, (28, 28), 60_000)
+    monkeypatch.setattr("jaxmnist.runs.available_bytes", lambda: 8 * 2**30)
+    with pytest.raises(RunError, match=r"^4,294,967,296 runs in one program need about [\d.]+ GiB, more than the 8.0"):
+        initial_state(config, run)
+
+
+def test_the_memory_estimate_grows_with_the_runs_and_covers_the_state():
+    config = TrainConfig(learning_rate=(0.1, 0.2), seeds=8)
+    state = initial_state(TrainConfig(), build_run(TrainConfig(), (28, 28), 60_000))
+    state_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state.params))
+    estimate = estimated_bytes(config, state, 60_000)
+    assert estimate == 2 * estimated_bytes(dataclasses.replace(config, seeds=4), state, 60_000)
+    assert 16 * 3 * state_bytes < estimate < 16 * 20 * state_bytes
+
+
+def test_the_summary_picks_the_best_configuration_on_validation_loss_when_there_is_one(small_data):
+    config = TrainConfig(epochs=2, batch_size=32, learning_rate=(0.001, 0.1), seeds=2, val_split=64)
+    history = _last(config, small_data).history
+    summaries = summarize(final_results(history))
+    assert [summary.values for summary in summaries] == [{"learning_rate": 0.001}, {"learning_rate": 0.1}]
+    slow = [result.val_loss for result in history if result.epoch == 2 and result.swept["learning_rate"] == 0.001]
+    assert summaries[0].seeds == (0, 1) and summaries[0].val_loss.mean == pytest.approx(np.mean(slow))
+    assert summaries[0].val_loss.std == pytest.approx(np.std(slow))
+    best, criterion = best_configuration(summaries)
+    assert criterion == "val_loss" and best.values == {"learning_rate": 0.1}
+    without_validation = [dataclasses.replace(result, val_loss=None) for result in final_results(history)]
+    assert best_configuration(summarize(without_validation))[1] == "train_loss"
+
+
+@pytest.mark.slow
+def test_resuming_a_grid_inside_an_epoch_is_bit_exact(small_data, tmp_path: Path):
+    config = TrainConfig(epochs=2, batch_size=32, learning_rate=(0.01, 0.05), dropout=(0.0, 0.2), seeds=2)
+    whole = kept(fit(config, *small_data, steps_per_call=3))
+    path = save_checkpoint(tmp_path, config, whole[3])  # inside epoch 2
+    start = restore_progress(path, config, template_state(config, 256))
+    resumed = list(fit(config, *small_data, start=start, steps_per_call=3))
+    chex.assert_trees_all_equal(resumed[-1].state.params, whole[-1].state.params)
+    assert [(r.swept, r.seed, r.train_loss) for r in resumed[-1].history] == [
+        (r.swept, r.seed, r.train_loss) for r in whole[-1].history
+    ]
+
+
+def test_divergence_names_the_values_and_seed(small_data):
+    with pytest.raises(DivergenceError, match=r"the loss of `learning_rate`=10000.0, seed \d became"):
+        list(fit(TrainConfig(epochs=1, batch_size=32, learning_rate=(0.01, 1e4)), *small_data))
+
+
+def test_predict_averages_a_configuration_s_seeds_or_takes_one(small_data):
+    config = TrainConfig(epochs=1, batch_size=32, learning_rate=(0.01, 0.1), seeds=2)
+    progress = _last(config, small_data)
+    images = small_data[1][0][:5]
+    each = [
+        predict_probabilities(_alone(config, run.values, run.seed),
+                              jax.tree.map(lambda leaf, row=row: leaf[row], progress.state.params), images)
+        for row, run in enumerate(grid_runs(config))
+    ]  # fmt: skip
+    chosen = predict_probabilities(config, progress.state.params, images, values={"learning_rate": 0.1})
+    np.testing.assert_allclose(chosen, np.mean(each[2:], axis=0), rtol=1e-5)
+    one = predict_probabilities(config, progress.state.params, images, seed=0, values={"learning_rate": 0.01})
+    np.testing.assert_allclose(one, each[0], rtol=1e-6)
+    with pytest.raises(ValueError, match=r"give `learning_rate` \(one of 0.01, 0.1\)"):
+        predict_probabilities(config, progress.state.params, images)
+    with pytest.raises(ValueError, match="`learning_rate`=0.5 is not among the grid's values"):
+        predict_probabilities(config, progress.state.params, images, values={"learning_rate": 0.5})
+
+
+def test_the_command_prints_a_line_per_configuration_and_a_table_naming_the_best(small_mnist_dir: Path, tmp_path: Path,
+                                                                                 capsys):  # fmt: skip
+    metrics, params = tmp_path / "m.jsonl", tmp_path / "p.msgpack"
+    code = train_exit_code(
+        small_mnist_dir, "--epochs", "2", "--lr", "0.001,0.05", "--seeds", "2", "--metrics-out", str(metrics),
+        "--save", str(params),
+    )  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "4 runs (2 configurations: 2 lr; 2 seeds (0..1)) in one program" in out.splitlines()[0]
+    assert out.count("  lr 0.001  train loss ") == 2 and out.count("  lr 0.05   train loss ") == 2
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [(r["epoch"], r["learning_rate"], r["seed"]) for r in records[:4]] == [
+        (1, 0.001, 0), (1, 0.001, 1), (1, 0.05, 0), (1, 0.05, 1)
+    ]  # fmt: skip
+    final = {rate: np.mean([r["train_loss"] for r in records if r["epoch"] == 2 and r["learning_rate"] == rate])
+             for rate in (0.001, 0.05)}  # fmt: skip
+    best = min(final, key=final.get)
+    table = out[out.index("after 2 epochs") :].splitlines()
+    assert table[1].split() == ["configuration", "train", "loss", "test", "accuracy"]
+    assert next(line for line in table if " * " in line).split()[:2] == ["lr", f"{best:g}"]
+    assert table[-2].startswith(f"best: lr {best:g} (*), lowest mean final training loss")
+    Image.fromarray(make_digits(1, seed=5)[0][0]).save(tmp_path / "digit.png")
+    assert predict.main(["--params", str(params), "--lr", "0.05", "--seed", "1", str(tmp_path / "digit.png")]) == 0
+    assert capsys.readouterr().out.splitlines()[:2] == ["configuration --lr 0.05", "seed 1 of 2 seeds (0..1)"]
+    assert predict.main(["--params", str(params), str(tmp_path / "digit.png")]) == 2
+    assert "error: these parameters are of a grid: give --lr (one of 0.001, 0.05)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--lr", "0.1,abc"], "argument --lr: must be a finite number > 0, got 'abc'"),
+        (["--lr", "0.1,0.1"], "--lr lists 0.1 twice"),
+        (["--dropout", "0.1,1.5"], "argument --dropout: must be a number in [0, 1), got '1.5'"),
+        (["--batch-size", "32,64"], "argument --batch-size: takes one value (a list would change the shapes"),
+        (["--epochs", "1,2"], "argument --epochs: takes one value"),
+        (["--optimizer", "sgd,adam"], "argument --optimizer: takes one value"),
+        (["--lr", "0.1,0.2", "--schedule", "cosine"], "--lr lists several values; with --schedule cosine"),
+        (["--lr", "0.1,0.2", "--val-split", "10", "--save-best", "b.msgpack"], "--save-best: picks one epoch"),
+    ],
+)
+def test_bad_grid_flags_are_one_line_exit_2(tiny_mnist_dir: Path, capsys, flags, message):
+    assert train_exit_code(tiny_mnist_dir, *flags) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and message in error
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_another_grid_is_refused(tiny_mnist_dir: Path, tmp_path: Path, capsys):
+    common = ["--epochs", "1", "--checkpoint-dir", str(tmp_path)]
+    assert train_exit_code(tiny_mnist_dir, *common, "--lr", "0.01,0.03") == 0
+    assert train_exit_code(tiny_mnist_dir, *common, "--lr", "0.01,0.1", "--epochs", "2", "--resume") == 2
+    assert "--lr is 0.01,0.03 in the checkpoint but 0.01,0.1 now" in capsys.readouterr().err

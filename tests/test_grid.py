@@ -15,7 +15,6 @@ from PIL import Image
 
 from jaxmnist.checkpoint import restore_progress, save_checkpoint
 from jaxmnist.commands import predict
-from jaxmnist.commands.train import main
 from jaxmnist.config import SettingsError, TrainConfig, grid_rows, num_runs
 from jaxmnist.loop import DivergenceError, fit
 from jaxmnist.predict import predict_probabilities
@@ -201,7 +200,7 @@ def test_predict_averages_a_configuration_s_seeds_or_takes_one(small_data):
     np.testing.assert_allclose(one, each[0], rtol=1e-6)
     with pytest.raises(ValueError, match=r"give `learning_rate` \(one of 0.01, 0.1\)"):
         predict_probabilities(config, progress.state.params, images)
-    with pytest.raises(ValueError, match="`learning_rate`=0.5 is not among the grid's values"):
+    with pytest.raises(ValueError, match=r"`learning_rate`=0.5 is not among the grid.s values"):
         predict_probabilities(config, progress.state.params, images, values={"learning_rate": 0.5})
 
 

@@ -63,6 +63,16 @@ def shard_runs(tree: Any, mesh: Mesh) -> Any:
     return jax.device_put(tree, batch_sharded(mesh))
 
 
+def runs_devices(runs: int, available: int) -> int:
+    """How many devices ``runs`` whole runs spread over: the most of ``available`` that divides them evenly.
+
+    Example:
+        >>> runs_devices(16, 2), runs_devices(6, 4), runs_devices(7, 2)
+        (2, 3, 1)
+    """
+    return max(count for count in range(1, available + 1) if runs % count == 0)
+
+
 def padded_batch_width(batch_size: int, mesh: Mesh | None) -> int:
     """The batch rounded up to a multiple of the device count (64 on 3 devices: 66, two slots masked)."""
     devices = 1 if mesh is None else mesh.size

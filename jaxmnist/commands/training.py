@@ -93,7 +93,9 @@ def describe(config: TrainConfig, num_images: int, mesh, model_name: str, num_pa
     if config.model is not None:
         model = f"{model_name} from {config.model}"
     where = f"{device.platform} ({device.device_kind})"
-    if mesh.size > 1:
+    if mesh.size > 1 and num_runs(config) > 1:
+        where = f"{mesh.size} {where} devices, {num_runs(config) // mesh.size} whole runs on each"
+    elif mesh.size > 1:
         width = padded_batch_width(config.batch_size, mesh)
         where = f"{mesh.size} {where} devices, {width // mesh.size} images of each batch per device"
     schedule = "" if config.schedule == "constant" else f" ({config.schedule} schedule)"
@@ -119,14 +121,32 @@ def describe(config: TrainConfig, num_images: int, mesh, model_name: str, num_pa
     )
 
 
-def start_devices(args: argparse.Namespace):
-    """Joins the other processes (several hosts) and builds the device mesh the flags ask for."""
+def start_devices(args: argparse.Namespace, config: TrainConfig):
+    """Joins the other processes (several hosts) and builds the device mesh the flags ask for.
+
+    Several runs on one host's CPU are spread over one CPU device per core (``jax_num_cpu_devices``):
+    whole runs on each, so every core trains its own runs with their weights in its own cache. A single
+    run keeps one device, as before, unless ``--devices`` asks for more.
+    """
     import jax
 
-    from jaxmnist.parallel import make_mesh
+    from jaxmnist.config import num_runs
+    from jaxmnist.parallel import make_mesh, runs_devices
 
+    runs = num_runs(config)
     if args.coordinator is not None:
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    elif (
+        runs > 1
+        and args.platform in (None, "cpu")
+        and "host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
+    ):
+        with contextlib.suppress(
+            RuntimeError
+        ):  # JAX already started (the command called in a process): keep its devices
+            jax.config.update("jax_num_cpu_devices", max(os.cpu_count() or 1, args.devices or 1))
+    if runs > 1 and args.devices is None:
+        return make_mesh(runs_devices(runs, len(jax.devices(args.platform))), args.platform)
     return make_mesh(args.devices, args.platform)
 
 
@@ -135,7 +155,7 @@ def run(args: argparse.Namespace, argv: list[str], config: TrainConfig, stop: Gr
     import jax
 
     configure_jax(args.dtype == "float64", not args.no_compile_cache)
-    mesh = start_devices(args)
+    mesh = start_devices(args, config)
     if jax.process_index() == 0:
         return _train(args, argv, config, mesh, stop, writer=True)
     # Several hosts: process 0 prints and writes every file; the others train in step, silently.

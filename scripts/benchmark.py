@@ -168,15 +168,23 @@ def worker_torch_lesson(args: argparse.Namespace) -> dict:
 
 def worker_jaxmnist_seeds(args: argparse.Namespace) -> dict:
     """Epoch seconds, as ``fit`` reports them, of ``--seeds`` runs (times the ``--rates`` grid) in one
-    vmapped program (one run: ``fit``'s plain loop), after one untimed epoch."""
-    from jaxmnist.config import TrainConfig
+    vmapped program (one run: ``fit``'s plain loop), after one untimed epoch. Several runs spread over
+    one CPU device per core, as the train command spreads them."""
+    import jax
+
+    from jaxmnist.config import TrainConfig, num_runs
     from jaxmnist.data import load_mnist
     from jaxmnist.loop import fit
+    from jaxmnist.parallel import make_mesh, runs_devices
 
-    data = load_mnist("train", args.data_dir), load_mnist("test", args.data_dir)
     rates = tuple(float(rate) for rate in args.rates.split(",")) if args.rates else 0.003
     config = TrainConfig(seeds=args.seeds, epochs=args.epochs + 1, learning_rate=rates)
-    history = list(fit(config, *data))
+    mesh = None
+    if num_runs(config) > 1 and not args.one_device:
+        jax.config.update("jax_num_cpu_devices", os.cpu_count())
+        mesh = make_mesh(runs_devices(num_runs(config), len(jax.devices())))
+    data = load_mnist("train", args.data_dir), load_mnist("test", args.data_dir)
+    history = list(fit(config, *data, mesh=mesh))
     return {"epoch_seconds": [p.results[0].seconds for p in history if p.results][1:]}
 
 
@@ -316,17 +324,18 @@ def grid_benchmark(args: argparse.Namespace) -> dict:
           f"{sum(separate):.1f} s: {sum(separate) / one_command:.1f}x faster; peak RSS {rss:.0f} MiB "
           f"({runs} runs), {rss_64:.0f} MiB (64 runs)")  # fmt: skip
     single, per_run = [], {count: [] for count in (16, 64)}
+    per_run["64, one device"] = []
     for _ in range(args.repeats):  # interleaved, so machine noise hits every size alike
         single.append(statistics.median(run_worker("jaxmnist_seeds", args, seeds=1, rates="")["epoch_seconds"]))
-        for count in per_run:
-            epoch = statistics.median(
-                run_worker("jaxmnist_seeds", args, seeds=count // 4, rates=args.grid)["epoch_seconds"]
-            )
-            per_run[count].append(epoch / count)
+        for label in per_run:
+            count, one_device = (64, 1) if label == "64, one device" else (label, 0)
+            options = {"seeds": count // len(rates), "rates": args.grid, "one_device": one_device}
+            epoch = statistics.median(run_worker("jaxmnist_seeds", args, **options)["epoch_seconds"])
+            per_run[label].append(epoch / count)
     print(f"steady epoch, one run: {statistics.median(single):.3f} s (median of {args.repeats})")
     for count, values in per_run.items():
         ratios = [value / one for value, one in zip(values, single)]
-        print(f"  {count:>4} runs in one program: {statistics.median(values):.3f} s per run-epoch, "
+        print(f"  {count:>14} runs in one program: {statistics.median(values):.3f} s per run-epoch, "
               f"{statistics.median(ratios):.2f}x a single run's epoch")  # fmt: skip
     return {
         "one_command_seconds": one_command,
@@ -340,7 +349,7 @@ def grid_benchmark(args: argparse.Namespace) -> dict:
 
 def run_worker(name: str, args: argparse.Namespace, source: Path | None = None, **overrides) -> dict:
     options = {"epochs": args.epochs, "batch_size": 64, "lesson_steps": args.lesson_steps, "seeds": args.seeds,
-               "rates": "", **overrides}  # fmt: skip
+               "rates": "", "one_device": 0, **overrides}  # fmt: skip
     command = [sys.executable, __file__, "--worker", name] + [
         f"--{key.replace('_', '-')}={value}" for key, value in options.items()
     ]
@@ -426,6 +435,7 @@ def main() -> int:
         "64 runs, and the epoch per run of 16 and 64 runs in one program beside a single run's",
     )
     parser.add_argument("--rates", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--one-device", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--batch-size", type=int, default=64, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -48,8 +48,9 @@ def _assert_each_run_is_its_run_alone(config: TrainConfig, data, rtol: float) ->
         chex.assert_trees_all_close(mine, alone.state.params, rtol=rtol, atol=rtol * 1e-2)
 
 
-def test_each_run_of_a_rate_and_momentum_grid_is_its_run_alone_to_1e12_in_float64(small_data):
-    # Seeds in a grid: the slow tests below.
+def test_each_run_of_a_rate_and_momentum_grid_is_its_run_alone_to_1e12_in_float64(small_data, monkeypatch):
+    # Seeds in a grid: the slow tests below. Groups of 2 runs: the 4 runs train as 2 groups, one after another.
+    monkeypatch.setattr("jaxmnist.programs.CPU_RUNS_PER_GROUP", 2)
     with jax.enable_x64(True):
         config = TrainConfig(
             epochs=2, batch_size=32, dtype="float64", optimizer="momentum", learning_rate=(0.01, 0.1),

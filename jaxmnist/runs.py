@@ -87,6 +87,8 @@ def hold_out(config: TrainConfig, images: np.ndarray, labels: np.ndarray) -> tup
         (7, 3, [])
     """
     check_against_data(config, len(images))
+    if not config.val_split:  # nothing held out: no permutation to draw (or compile)
+        return (images, labels), (images[:0], labels[:0])
     order = np.asarray(
         jax.random.permutation(jax.random.fold_in(jax.random.key(config.seed), _VALIDATION_SALT), len(images))
     )

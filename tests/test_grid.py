@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import chex
@@ -16,7 +19,9 @@ from PIL import Image
 from jaxmnist.checkpoint import restore_progress, save_checkpoint
 from jaxmnist.commands import predict
 from jaxmnist.config import SettingsError, TrainConfig, grid_rows, num_runs
+from jaxmnist.data import load_mnist
 from jaxmnist.loop import DivergenceError, fit
+from jaxmnist.parallel import runs_devices
 from jaxmnist.predict import predict_probabilities
 from jaxmnist.runs import RunError, build_run, estimated_bytes, grid_runs, initial_state
 from jaxmnist.sweeps import best_configuration, final_results, summarize
@@ -48,13 +53,28 @@ def _assert_each_run_is_its_run_alone(config: TrainConfig, data, rtol: float) ->
         chex.assert_trees_all_close(mine, alone.state.params, rtol=rtol, atol=rtol * 1e-2)
 
 
-def test_each_run_of_a_rate_and_momentum_grid_is_its_run_alone_to_1e12_in_float64(small_data, monkeypatch):
-    # Seeds in a grid: the slow tests below. Groups of 2 runs: the 4 runs train as 2 groups, one after another.
-    monkeypatch.setattr("jaxmnist.programs.CPU_RUNS_PER_GROUP", 2)
+@pytest.mark.slow
+def test_each_run_of_a_rate_grid_is_its_run_alone_to_1e12_in_float64(small_data, monkeypatch):
+    # Groups of 1 run: the 2 runs train one after another inside the program, as larger grids do.
+    monkeypatch.setattr("jaxmnist.programs.CPU_RUNS_PER_GROUP", 1)
+    with jax.enable_x64(True):
+        config = TrainConfig(epochs=1, batch_size=32, dtype="float64", learning_rate=(0.01, 0.1), seed=3)
+        _assert_each_run_is_its_run_alone(config, small_data, rtol=1e-12)
+
+
+def test_each_run_of_a_rate_grid_is_its_run_alone_within_float32_rounding(small_data, monkeypatch):
+    monkeypatch.setattr("jaxmnist.programs.CPU_RUNS_PER_GROUP", 1)  # as above; float64: the slow tier
+    config = TrainConfig(epochs=1, batch_size=32, learning_rate=(0.01, 0.1), seed=3)
+    _assert_each_run_is_its_run_alone(config, small_data, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_each_run_of_a_rate_and_momentum_grid_with_seeds_is_its_run_alone_to_1e12_in_float64(small_data, monkeypatch):
+    monkeypatch.setattr("jaxmnist.programs.CPU_RUNS_PER_GROUP", 2)  # 8 runs in 4 groups
     with jax.enable_x64(True):
         config = TrainConfig(
             epochs=2, batch_size=32, dtype="float64", optimizer="momentum", learning_rate=(0.01, 0.1),
-            momentum=(0.5, 0.9), seed=3,
+            momentum=(0.5, 0.9), seeds=2, seed=3,
         )  # fmt: skip
         _assert_each_run_is_its_run_alone(config, small_data, rtol=1e-12)
 
@@ -73,19 +93,19 @@ def test_each_run_of_a_dropout_decay_or_scheduled_momentum_grid_is_its_run_alone
     # mode, which strict promotion refuses: that is optax's code, not the grid's.
     promotion = "strict" if settings.get("optimizer") is None else "standard"
     with jax.enable_x64(True), jax.numpy_dtype_promotion(promotion):
-        config = TrainConfig(epochs=2, batch_size=32, dtype="float64", seeds=2, **settings)
+        config = TrainConfig(epochs=1, batch_size=32, dtype="float64", seeds=2, **settings)
         _assert_each_run_is_its_run_alone(config, small_data, rtol=1e-12)
 
 
 @pytest.mark.slow
 def test_each_run_of_a_rate_grid_matches_its_run_alone_over_the_first_100_steps_in_float32():
     data = make_digits(6400, seed=10), make_digits(64, seed=11)
-    config = TrainConfig(epochs=1, learning_rate=(0.003, 0.03), seeds=2)
+    config = TrainConfig(epochs=1, learning_rate=(0.003, 0.03), seed=1)
     grid = _last(config, data)
     for row, run in enumerate(grid_runs(config)):
         alone = _last(_alone(config, run.values, run.seed), data)
         relative = np.abs(grid.step_losses[row] - alone.step_losses) / alone.step_losses
-        assert grid.step_losses.shape == (4, 100) and relative.max() <= 1e-5
+        assert grid.step_losses.shape == (2, 100) and relative.max() <= 1e-5
 
 
 def test_the_runs_are_every_combination_of_the_values_times_the_seeds():
@@ -154,6 +174,7 @@ def test_the_memory_estimate_grows_with_the_runs_and_covers_the_state():
     assert 16 * 3 * state_bytes < estimate < 16 * 20 * state_bytes
 
 
+@pytest.mark.slow
 def test_the_summary_picks_the_best_configuration_on_validation_loss_when_there_is_one(small_data):
     config = TrainConfig(epochs=2, batch_size=32, learning_rate=(0.001, 0.1), seeds=2, val_split=64)
     history = _last(config, small_data).history
@@ -170,7 +191,7 @@ def test_the_summary_picks_the_best_configuration_on_validation_loss_when_there_
 
 @pytest.mark.slow
 def test_resuming_a_grid_inside_an_epoch_is_bit_exact(small_data, tmp_path: Path):
-    config = TrainConfig(epochs=2, batch_size=32, learning_rate=(0.01, 0.05), dropout=(0.0, 0.2), seeds=2)
+    config = TrainConfig(epochs=2, batch_size=32, learning_rate=(0.01, 0.05), dropout=(0.0, 0.2))
     whole = kept(fit(config, *small_data, steps_per_call=3))
     path = save_checkpoint(tmp_path, config, whole[3])  # inside epoch 2
     start = restore_progress(path, config, template_state(config, 256))
@@ -181,11 +202,13 @@ def test_resuming_a_grid_inside_an_epoch_is_bit_exact(small_data, tmp_path: Path
     ]
 
 
+@pytest.mark.slow
 def test_divergence_names_the_values_and_seed(small_data):
     with pytest.raises(DivergenceError, match=r"the loss of `learning_rate`=10000.0, seed \d became"):
         list(fit(TrainConfig(epochs=1, batch_size=32, learning_rate=(0.01, 1e4)), *small_data))
 
 
+@pytest.mark.slow
 def test_predict_averages_a_configuration_s_seeds_or_takes_one(small_data):
     config = TrainConfig(epochs=1, batch_size=32, learning_rate=(0.01, 0.1), seeds=2)
     progress = _last(config, small_data)
@@ -259,3 +282,44 @@ def test_a_checkpoint_of_another_grid_is_refused(tiny_mnist_dir: Path, tmp_path:
     assert train_exit_code(tiny_mnist_dir, *common, "--lr", "0.01,0.03") == 0
     assert train_exit_code(tiny_mnist_dir, *common, "--lr", "0.01,0.1", "--epochs", "2", "--resume") == 2
     assert "--lr is 0.01,0.03 in the checkpoint but 0.01,0.1 now" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_command_spreads_a_grid_over_one_cpu_device_per_core_with_the_one_device_numbers(
+    small_mnist_dir: Path, tmp_path: Path
+):
+    metrics = tmp_path / "m.jsonl"
+    flags = ["--epochs", "1", "--batch-size", "32", "--lr", "0.01,0.05", "--seeds", "2"]
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxmnist.train", *flags, "--data-dir", str(small_mnist_dir), "--no-verify",
+         "--no-compile-cache", "--metrics-out", str(metrics)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "XLA_FLAGS": ""},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    devices = runs_devices(4, os.cpu_count() or 1)
+    if devices > 1:
+        assert f"on {devices} cpu (cpu) devices, {4 // devices} whole runs on each" in result.stdout
+    data = [load_mnist(split, small_mnist_dir, verify=False) for split in ("train", "test")]
+    config = TrainConfig(epochs=1, batch_size=32, learning_rate=(0.01, 0.05), seeds=2)
+    alone = _last(config, data).results  # the library, one device
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [(r["learning_rate"], r["seed"]) for r in records] == [(r.swept["learning_rate"], r.seed) for r in alone]
+    np.testing.assert_allclose([r["train_loss"] for r in records], [r.train_loss for r in alone], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_grid_writes_one_tensorboard_folder_per_configuration_and_one_plot_band_each(tiny_mnist_dir: Path,
+                                                                                       tmp_path: Path):  # fmt: skip
+    pytest.importorskip("tensorboardX", reason="pip install 'jaxmnist[tensorboard]'")
+    from test_training_tool import _events
+
+    flags = ["--epochs", "2", "--batch-size", "32", "--optimizer", "momentum", "--lr", "0.01,0.05", "--momentum",
+             "0.5,0.9", "--seeds", "2", "--val-split", "60", "--tensorboard", str(tmp_path / "tb"),
+             "--tensorboard-every", "2", "--plot", str(tmp_path / "grid.png")]  # fmt: skip
+    assert train_exit_code(tiny_mnist_dir, *flags) == 0
+    folders = sorted(path.name for path in (tmp_path / "tb").iterdir())
+    assert folders == [f"learning_rate={rate},momentum={momentum}" for rate in (0.01, 0.05) for momentum in (0.5, 0.9)]
+    for folder in folders:
+        tags = {value.tag for event in _events(tmp_path / "tb" / folder) for value in event.summary.value}
+        assert {"epoch/val_loss", "epoch/val_loss_min", "epoch/train_loss_max", "batch/loss"} <= tags
+    assert Image.open(tmp_path / "grid.png").size[0] > 0

@@ -63,6 +63,7 @@ def _with_train_step(model, loss, batches, learning_rate: float = 0.05):
     return state, jax.tree.map(lambda *values: jnp.stack(values), *history)
 
 
+@pytest.mark.slow
 def test_a_parameter_penalty_through_params_trains_as_by_hand(batches):
     def l1_penalized(logits, labels, mask=None, *, params):
         penalty = sum(jnp.sum(jnp.abs(leaf)) for leaf in jax.tree.leaves(params))

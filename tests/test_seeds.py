@@ -100,6 +100,7 @@ def test_an_ensemble_predicts_the_mean_of_its_seeds(small_data):
     np.testing.assert_allclose(predict_probabilities(config, params, images, seed=1), each[1], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_predict_says_when_it_answers_for_an_ensemble_or_one_of_its_seeds(small_data, tmp_path: Path, capsys):
     config = TrainConfig(epochs=1, batch_size=32, seeds=3, seed=4)
     params_file = save_params(str(tmp_path / "p.msgpack"), config, list(fit(config, *small_data))[-1].state.params)

@@ -183,6 +183,7 @@ def test_a_model_whose_output_is_not_batch_by_classes_is_refused(models_file, di
         next(fit(TrainConfig(epochs=1), *digits, model=load_model(f"{models_file}:Wide")))
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_another_model_is_refused_naming_what_differs(models_file, digits, tmp_path: Path):
     config = TrainConfig(epochs=1, batch_size=32)
     path = save_checkpoint(tmp_path, config, list(fit(config, *digits))[-1])  # the lesson's MLP
@@ -292,7 +293,7 @@ def test_resuming_with_another_model_is_refused(small_mnist_dir, models_file, tm
              "--epochs", "2", "--checkpoint-dir", folder, "--resume"]  # fmt: skip
     capsys.readouterr()
     assert main(flags) == 2
-    assert "cannot resume, model is" in capsys.readouterr().err
+    assert "cannot resume, --model is" in capsys.readouterr().err
 
 
 def test_lesson_settings_with_a_model_are_refused_in_the_library_too():

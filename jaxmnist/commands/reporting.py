@@ -6,6 +6,7 @@ import dataclasses
 import json
 import shutil
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -218,31 +219,25 @@ class Reporter:
             self.tensorboard.close(self.history)
 
     def draw_plot(self) -> None:
-        """The loss curves of every finished epoch, resumed ones included, into ``plot``."""
+        """The loss curves of every finished epoch, resumed ones included, into ``plot``: one band per
+        configuration of a grid, the seeds' band, or a single run's curves."""
         if self.plot is None or not self.history:
             return
         from jaxmnist.plots import plot_grid_bands, plot_loss_band, plot_losses
 
         if self.history[0].swept:
-            try:
-                plot_grid_bands(self.history, self.plot)
-            except OSError as error:
-                raise OutputWriteError(self.plot, error) from error
-            print(f"loss plot of every configuration written to {self.plot}")
-            return
-        if self.config.seeds > 1:
-            try:
-                plot_loss_band(self.history, self.plot)
-            except OSError as error:
-                raise OutputWriteError(self.plot, error) from error
-            print(f"loss band plot written to {self.plot}")
-            return
-        curves = {
-            name: [getattr(result, name) for result in self.history] for name in ("train_loss", "test_loss", "val_loss")
-        }
-        validation = curves["val_loss"] if None not in curves["val_loss"] else None
+            draw, what = partial(plot_grid_bands, self.history), "loss plot of every configuration"
+        elif self.config.seeds > 1:
+            draw, what = partial(plot_loss_band, self.history), "loss band plot"
+        else:
+            curves = {name: [getattr(result, name) for result in self.history]
+                      for name in ("train_loss", "test_loss", "val_loss")}  # fmt: skip
+            validation = curves["val_loss"] if None not in curves["val_loss"] else None
+            draw = partial(plot_losses, curves["train_loss"], curves["test_loss"], first_epoch=self.history[0].epoch,
+                           val_losses=validation)  # fmt: skip
+            what = "loss plot"
         try:
-            plot_losses(curves["train_loss"], curves["test_loss"], self.plot, self.history[0].epoch, validation)
+            draw(path=self.plot)
         except OSError as error:
             raise OutputWriteError(self.plot, error) from error
-        print(f"loss plot written to {self.plot}")
+        print(f"{what} written to {self.plot}")

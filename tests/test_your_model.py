@@ -303,3 +303,24 @@ def test_lesson_settings_with_a_model_are_refused_in_the_library_too():
         load_model("net.py")
     config = TrainConfig(model="pkg.mod:Net")
     assert config_from_dict(json.loads(json.dumps(config_to_dict(config)))) == config  # checkpoints keep it
+
+
+@pytest.mark.slow
+def test_a_grid_of_rates_and_momenta_trains_your_model_each_run_as_its_run_alone(models_file, small_mnist_dir, digits,
+                                                                                 capsys):  # fmt: skip
+    cnn, tiny = load_model(f"{models_file}:CNN"), load_model(f"{models_file}:tiny")
+    (images, labels), (test_images, test_labels) = digits
+    channels = (images[..., None], labels), (test_images[..., None], test_labels)
+    config = TrainConfig(epochs=1, batch_size=32, optimizer="momentum", learning_rate=(0.01, 0.1), momentum=(0.0, 0.9))
+    for model, data in ((cnn, channels), (tiny, digits)):  # linen with BatchNorm; an NNX factory
+        grid = list(fit(config, *data, model=model))[-1]
+        for row, result in enumerate(grid.results):
+            alone_config = TrainConfig(**{**config.__dict__, **result.swept})
+            alone = list(fit(alone_config, *data, model=model))[-1]
+            assert result.train_loss == pytest.approx(alone.result.train_loss, rel=1e-5)
+            chex.assert_trees_all_close(jax.tree.map(lambda leaf, r=row: leaf[r], grid.state.params),
+                                        alone.state.params, rtol=1e-5, atol=1e-6)  # fmt: skip
+    assert main(_flags(small_mnist_dir, models_file, "--epochs", "1", "--lr", "0.01,0.1", "--seeds", "2")) == 0
+    output = capsys.readouterr().out
+    assert "CNN from " in output and "4 runs (2 configurations: 2 lr; 2 seeds (0..1)) in one program" in output
+    assert re.search(r"^best: lr (0\.01|0\.1) \(\*\), lowest mean final training loss", output, flags=re.MULTILINE)

@@ -175,7 +175,7 @@ def _epoch_results(
     progress: Progress,
     runs: list[GridRun],
     evaluations: dict[str, Metrics],
-    learning_rates: np.ndarray | None,
+    learning_rates: Sequence[float] | np.ndarray | None,
     seconds: float,
     compile_seconds: float,
     images_trained: int,
@@ -323,14 +323,9 @@ def fit(
             if progress.position == steps_per_epoch:
                 images_trained = min((steps_per_epoch - first_position) * config.batch_size, len(images))
                 evaluations = {name: programs.evaluate(state, *data) for name, data in evaluation_sets.items()}
-                known_rate = run.learning_rate(config)
-                learning_rates = (
-                    per_run(metrics["learning_rate"], len(runs))[:, -1]
-                    if "learning_rate" in metrics
-                    else None
-                    if known_rate is None
-                    else np.full(len(runs), known_rate)
-                )
+                learning_rates = run.learning_rates(config)  # exact, rather than an injected float32 copy
+                if learning_rates is None and "learning_rate" in metrics:
+                    learning_rates = per_run(metrics["learning_rate"], len(runs))[:, -1]
                 results = _epoch_results(
                     progress, runs, evaluations, learning_rates, seconds, compile_seconds, images_trained
                 )

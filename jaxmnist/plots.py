@@ -83,7 +83,7 @@ def plot_grid_bands(history: Sequence[Any], path: str | os.PathLike | None = Non
         label = ", ".join(f"{name} {value:g}" for name, value in configuration)
         (line,) = axes.plot(epochs, train.mean(axis=1), "o-", label=f"{label} ({train.shape[1]} seeds)")
         axes.fill_between(epochs, train.min(axis=1), train.max(axis=1), alpha=0.25, color=line.get_color())
-        axes.plot(epochs, test.mean(axis=1), "--", color=line.get_color())
+        axes.plot(epochs, test.mean(axis=1), "s--", color=line.get_color(), markersize=4)
     axes.set_yscale("log")
     return _finish(figure, axes, epochs, "training loss (solid, [min, max] shaded), test loss (dashed)", path)
 

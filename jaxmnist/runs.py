@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable, Mapping
+from functools import partial
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -120,9 +122,12 @@ class Run:
     row_optimizers: tuple[optax.GradientTransformation, ...] = ()
     num_train_images: int = 0
 
-    def learning_rate(self, config: TrainConfig) -> float | None:
-        """The learning rate to report when the optimizer does not report its own (``inject_hyperparams``)."""
-        return config.learning_rate if self.optimizer_from_config else None
+    def learning_rates(self, config: TrainConfig) -> list[float] | None:
+        """Every run's learning rate as the settings give it, when they give it exactly (their optimizer,
+        at a constant rate); None otherwise: then the rate is the one the optimizer reports, if any."""
+        if not self.optimizer_from_config or config.schedule != "constant":
+            return None
+        return [run.values.get("learning_rate", config.learning_rate) for run in grid_runs(config)]
 
 
 def check_images(images: np.ndarray, argument: str) -> tuple[int, ...]:
@@ -164,8 +169,8 @@ def build_run(
 
     Example:
         >>> run = build_run(TrainConfig(), (28, 28), 60_000)
-        >>> run.model.name, run.loss, run.learning_rate(TrainConfig())
-        ('MLP', 'nll', 0.003)
+        >>> run.model.name, run.loss, run.learning_rates(TrainConfig())
+        ('MLP', 'nll', [0.003])
     """
     if model is None:
         source = settings_model(config)
@@ -213,12 +218,12 @@ def initial_state(config: TrainConfig, run: Run) -> TrainState:
     (``RunError``).
     """
     first_run = GridRun(grid_rows(config)[0], config.seed)
-    states = [_run_state(run, first_run)]
-    if num_runs(config) > 1:  # refused before the other runs are listed or built
-        check_memory(config, states[0], run.num_train_images)
-        states += [_run_state(run, grid_run) for grid_run in grid_runs(config)[1:]]
-    if len(states) == 1:
-        return states[0]
+    if num_runs(config) == 1:
+        return _run_state(run, first_run)
+    compiled: dict[int, Callable[[jax.Array], TrainState]] = {}  # one compiled initialization per module
+    states = [_run_state(run, first_run, compiled)]
+    check_memory(config, states[0], run.num_train_images)  # before the other runs are listed or built
+    states += [_run_state(run, grid_run, compiled) for grid_run in grid_runs(config)[1:]]
     # One program for every run: the first run's calling convention and optimizer, whose update reads
     # each run's hyperparameters from its own state (an NNX model's convention is a new object per module).
     first = states[0]
@@ -226,15 +231,31 @@ def initial_state(config: TrainConfig, run: Run) -> TrainState:
     return jax.tree.map(lambda *leaves: jnp.stack(leaves), *(state.replace(**shared) for state in states))
 
 
-def _run_state(run: Run, grid_run: GridRun) -> TrainState:
-    """The initial state of one run: its seed's weights, its row's optimizer and dropout rate."""
+def _run_state(run: Run, grid_run: GridRun, compiled: dict | None = None) -> TrainState:
+    """The initial state of one run: its seed's weights, its row's optimizer and dropout rate.
+
+    With ``compiled`` (several runs), a linen model is initialized by one compiled call per module
+    (kept in ``compiled``, by grid row when rows differ in dropout), the same numbers as the eager
+    initialization a single run uses, without compiling each of its operations on a cold start; the
+    row's optimizer state is then initialized from those parameters.
+    """
     init_key = run_keys(grid_run.seed)[0]
     module = run.model.build(init_key)
     if "dropout" in grid_run.values:
         module = module.clone(dropout_rate=grid_run.values["dropout"])
     optimizer = run.row_optimizers[grid_run.row] if run.row_optimizers else run.optimizer
+    create = partial(create_train_state, model=module, loss=run.loss, input_shape=(1, *run.image_shape))
     try:
-        return create_train_state(init_key, module, optimizer, loss=run.loss, input_shape=(1, *run.image_shape))
+        if compiled is None or not isinstance(module, nn.Module):
+            return create(init_key, optimizer=optimizer)
+        slot = grid_run.row if "dropout" in grid_run.values else 0
+        if slot not in compiled:
+            compiled[slot] = jax.jit(partial(create, optimizer=optimizer))
+        try:
+            state = compiled[slot](init_key)
+        except jax.errors.ConcretizationTypeError:  # a model whose initialization looks at values: eager
+            return create(init_key, optimizer=optimizer)
+        return state.replace(tx=optimizer, opt_state=optimizer.init(state.params))
     except (ModelCallError, TypeError) as error:  # a __call__ or a loss that cannot be called as asked
         raise RunError(str(error)) from error
     except Exception as error:  # the model's own code raised on images of the data's shape

@@ -263,7 +263,7 @@ def test_the_command_prints_a_line_per_configuration_and_a_table_naming_the_best
         (["--lr", "0.1,abc"], "argument --lr: must be a finite number > 0, got 'abc'"),
         (["--lr", "0.1,0.1"], "--lr lists 0.1 twice"),
         (["--dropout", "0.1,1.5"], "argument --dropout: must be a number in [0, 1), got '1.5'"),
-        (["--batch-size", "32,64"], "argument --batch-size: takes one value (a list would change the shapes"),
+        (["--batch-size", "32,64"], "argument --batch-size: takes one value: lists are for --lr, --momentum"),
         (["--epochs", "1,2"], "argument --epochs: takes one value"),
         (["--optimizer", "sgd,adam"], "argument --optimizer: takes one value"),
         (["--lr", "0.1,0.2", "--schedule", "cosine"], "--lr lists several values; with --schedule cosine"),
@@ -323,3 +323,19 @@ def test_a_grid_writes_one_tensorboard_folder_per_configuration_and_one_plot_ban
         tags = {value.tag for event in _events(tmp_path / "tb" / folder) for value in event.summary.value}
         assert {"epoch/val_loss", "epoch/val_loss_min", "epoch/train_loss_max", "batch/loss"} <= tags
     assert Image.open(tmp_path / "grid.png").size[0] > 0
+
+
+def test_every_run_starts_from_the_very_state_of_its_run_alone():
+    config = TrainConfig(optimizer="adamw", weight_decay=(0.0, 0.1), dropout=(0.0, 0.2), seeds=2)
+    run = build_run(config, (28, 28), 640)
+    stacked = initial_state(config, run)  # compiled once per module: bit for bit the eager initialization
+    for row, grid_run in enumerate(grid_runs(config)):
+        alone_config = _alone(config, grid_run.values, grid_run.seed)
+        alone = initial_state(alone_config, build_run(alone_config, (28, 28), 640))
+        mine = jax.tree.map(lambda leaf, row=row: leaf[row], stacked)
+        hyperparameters = {"learning_rate": 0.003, "weight_decay": grid_run.values["weight_decay"]}
+        chex.assert_trees_all_equal(
+            (mine.params, mine.opt_state.hyperparams, mine.collections["hyperparameters"], mine.key),
+            (alone.params, jax.tree.map(np.float32, hyperparameters),
+             {"dropout_keep_probability": np.float32(1 - grid_run.values["dropout"])}, alone.key),
+        )  # fmt: skip

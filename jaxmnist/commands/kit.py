@@ -43,7 +43,10 @@ class OneLineParser(argparse.ArgumentParser):
         return ""
 
 
-SEPARATELY = "takes one value (a list would change the shapes or the data): run each value as its own command"
+SEPARATELY = (
+    "takes one value: lists are for --lr, --momentum, --weight-decay and --dropout (several seeds: --seeds N); "
+    "run each value as its own command"
+)
 
 
 def _one_value(text: str) -> None:

@@ -94,7 +94,8 @@ def describe(config: TrainConfig, num_images: int, mesh, model_name: str, num_pa
         model = f"{model_name} from {config.model}"
     where = f"{device.platform} ({device.device_kind})"
     if mesh.size > 1 and num_runs(config) > 1:
-        where = f"{mesh.size} {where} devices, {num_runs(config) // mesh.size} whole runs on each"
+        each = num_runs(config) // mesh.size
+        where = f"{mesh.size} {where} devices, {each} whole run{'s' if each != 1 else ''} on each"
     elif mesh.size > 1:
         width = padded_batch_width(config.batch_size, mesh)
         where = f"{mesh.size} {where} devices, {width // mesh.size} images of each batch per device"

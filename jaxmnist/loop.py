@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 from jaxmnist.config import TrainConfig, num_runs
 from jaxmnist.model_source import Model, ModelSource
 from jaxmnist.normalization import normalize
-from jaxmnist.parallel import replicate, shard_runs
+from jaxmnist.parallel import replicate, runs_sharding
 from jaxmnist.programs import Programs, per_run
 from jaxmnist.runs import (
     GridRun,
@@ -270,7 +270,9 @@ def fit(
     run = build_run(config, image_shape, len(train_data[0]), model, optimizer, loss)
     progress = start_of_run(config, run) if start is None else start
     runs = grid_runs(config)
-    one_run_state = progress.state if len(runs) == 1 else jax.tree.map(lambda leaf: leaf[0], progress.state)
+    one_run_state = progress.state  # of several runs, the first one's shapes: the checks need no more
+    if len(runs) > 1:
+        one_run_state = jax.eval_shape(partial(jax.tree.map, lambda leaf: leaf[0]), progress.state)
     try:  # several runs split over the devices, not the batch: no padding then
         check_padding_leaves_statistics_exact(one_run_state, config.batch_size, mesh if len(runs) == 1 else None)
     except ValueError as error:
@@ -278,7 +280,10 @@ def fit(
     check_labels(count_classes(one_run_state, image_shape), {"train_data": train_data[1], "test_data": test_data[1]})
     train_data, val_data = hold_out(config, *train_data)
     place = jax.device_put if mesh is None else partial(replicate, mesh=mesh)
-    state = shard_runs(progress.state, mesh) if mesh is not None and len(runs) > 1 else place(progress.state)
+    if mesh is not None and len(runs) > 1:
+        state = jax.device_put(progress.state, runs_sharding(len(runs), mesh))
+    else:
+        state = place(progress.state)
     if start is not None:  # the compiled calls donate their input: leave the caller's start intact
         state = jax.tree.map(jnp.copy, state)
     images, labels = place(train_data)

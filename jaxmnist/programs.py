@@ -57,12 +57,13 @@ class Programs:
         self.width = padded_batch_width(config.batch_size, self.mesh)
         self.data_keys = [run_keys(run.seed)[1] for run in grid_runs(config)]
         first_keys = self.epoch_keys(1)
-        indices, mask = self.batch_indices(first_keys)
+        whole_epochs = config.loop == "scan" and chunk == self.steps_per_epoch  # the batches drawn inside
+        indices, mask = (None, None) if whole_epochs else self.batch_indices(first_keys)
         started = time.perf_counter()
         if config.loop == "step":
             step = jax.jit(jax.vmap(train_step), donate_argnums=0) if self.vmapped else train_step
             self.step = step.lower(state, self._batch(state, indices, mask, 0)).compile()
-        elif chunk == self.steps_per_epoch:
+        elif whole_epochs:
             self.epoch = self._epoch_program().lower(state, images, labels, first_keys).compile()
         else:
             self.chunk_call = self._chunk_program(chunk).lower(state, images, labels, indices, mask, 0).compile()

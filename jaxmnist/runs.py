@@ -8,9 +8,10 @@ onto the run's own state and to name the model in its header.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 
 import flax.linen as nn
@@ -32,6 +33,13 @@ from jaxmnist.recipe import build_model, build_optimizer
 from jaxmnist.train import ModelCallError, TrainState, create_train_state
 from jaxmnist.train.state import LossFn
 
+# What tracing raises for a model whose initialization needs concrete values: such a model is initialized
+# eagerly, one run at a time.
+_NEEDS_VALUES = (
+    jax.errors.ConcretizationTypeError,
+    jax.errors.TracerArrayConversionError,
+    jax.errors.TracerIntegerConversionError,
+)
 # Salts for keys derived from the seed besides the init and data keys (which stay split(key(seed))).
 _VALIDATION_SALT = 0x76616C  # "val"
 
@@ -218,44 +226,84 @@ def initial_state(config: TrainConfig, run: Run) -> TrainState:
     (``RunError``).
     """
     first_run = GridRun(grid_rows(config)[0], config.seed)
+    create_first = _creation(run, first_run)
     if num_runs(config) == 1:
-        return _run_state(run, first_run)
-    compiled: dict[int, Callable[[jax.Array], TrainState]] = {}  # one compiled initialization per module
-    states = [_run_state(run, first_run, compiled)]
-    check_memory(config, states[0], run.num_train_images)  # before the other runs are listed or built
-    states += [_run_state(run, grid_run, compiled) for grid_run in grid_runs(config)[1:]]
-    # One program for every run: the first run's calling convention and optimizer, whose update reads
-    # each run's hyperparameters from its own state (an NNX model's convention is a new object per module).
+        with _model_errors(run):
+            return create_first(run_keys(first_run.seed)[0])
+    if isinstance(create_first.keywords["model"], nn.Module):
+        try:
+            with _model_errors(run):
+                check_memory(config, jax.eval_shape(create_first, run_keys(first_run.seed)[0]), run.num_train_images)
+                return _linen_states(config, run)
+        except _NEEDS_VALUES:
+            pass
+    with _model_errors(run):
+        states = [create_first(run_keys(first_run.seed)[0])]
+        check_memory(config, states[0], run.num_train_images)  # before the other runs are listed or built
+        states += [_creation(run, grid_run)(run_keys(grid_run.seed)[0]) for grid_run in grid_runs(config)[1:]]
+    return _stacked(states)
+
+
+def initial_shapes(config: TrainConfig, run: Run) -> TrainState:
+    """The shapes and dtypes of ``initial_state(config, run)`` (``jax.ShapeDtypeStruct`` leaves), found by
+    tracing alone; its errors (a grid too large for memory, a model that cannot be initialized) as its own."""
+    try:
+        return jax.eval_shape(lambda: initial_state(config, run))
+    except _NEEDS_VALUES:  # a model whose initialization needs values cannot be traced: from the state itself
+        return jax.eval_shape(lambda state: state, initial_state(config, run))
+
+
+def _module(run: Run, grid_run: GridRun) -> Model:
+    """The model of one run: its seed's (an NNX model is built from it), with its row's dropout rate."""
+    module = run.model.build(run_keys(grid_run.seed)[0])
+    return module.clone(dropout_rate=grid_run.values["dropout"]) if "dropout" in grid_run.values else module
+
+
+def _creation(run: Run, grid_run: GridRun) -> Callable[[jax.Array], TrainState]:
+    """``create_train_state`` of one run's model, loss and row's optimizer, taking the run's init key."""
+    optimizer = run.row_optimizers[grid_run.row] if run.row_optimizers else run.optimizer
+    return partial(create_train_state, model=_module(run, grid_run), optimizer=optimizer, loss=run.loss,
+                   input_shape=(1, *run.image_shape))  # fmt: skip
+
+
+def _linen_states(config: TrainConfig, run: Run) -> TrainState:
+    """Every run's state from one compiled call: the parameters of each module (one per dropout rate, else
+    one) initialized for each of its runs' keys in turn, then each row's optimizer state from its runs'
+    parameters: the numbers each run's eager initialization gives."""
+    runs = grid_runs(config)
+    rows = [slice(start, start + config.seeds) for start in range(0, len(runs), config.seeds)]
+    one_module = "dropout" not in runs[0].values  # else one module per row, each with its row's rate
+
+    def states(seeds: jax.Array) -> TrainState:
+        init_keys = jax.vmap(lambda seed: run_keys(seed)[0])(seeds)
+        built = [jax.lax.map(_creation(run, runs[part.start]), init_keys[part])
+                 for part in ([slice(0, len(runs))] if one_module else rows)]  # fmt: skip
+        state = _stacked(built, concatenate=True)
+        row_params = [jax.tree.map(lambda leaf, part=part: leaf[part], state.params) for part in rows]
+        opt_states = [jax.vmap(run.row_optimizers[runs[part.start].row].init)(params)
+                      for part, params in zip(rows, row_params, strict=True)]  # fmt: skip
+        return state.replace(opt_state=jax.tree.map(lambda *leaves: jnp.concatenate(leaves), *opt_states))
+
+    return jax.jit(states)(jnp.asarray([grid_run.seed for grid_run in runs], jnp.uint32))
+
+
+def _stacked(states: list[TrainState], concatenate: bool = False) -> TrainState:
+    """The states of several runs as one, along a new leading axis (or their own, with ``concatenate``). One
+    program serves every run: the first's calling convention and optimizer, whose update reads each run's
+    hyperparameters from its own state (an NNX model's convention is a new object per module)."""
     first = states[0]
     shared = {"apply_fn": first.apply_fn, "model_call": first.model_call, "tx": first.tx}
-    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *(state.replace(**shared) for state in states))
+    join = jnp.concatenate if concatenate else jnp.stack
+    return jax.tree.map(lambda *leaves: join(leaves), *(state.replace(**shared) for state in states))
 
 
-def _run_state(run: Run, grid_run: GridRun, compiled: dict | None = None) -> TrainState:
-    """The initial state of one run: its seed's weights, its row's optimizer and dropout rate.
-
-    With ``compiled`` (several runs), a linen model is initialized by one compiled call per module
-    (kept in ``compiled``, by grid row when rows differ in dropout), the same numbers as the eager
-    initialization a single run uses, without compiling each of its operations on a cold start; the
-    row's optimizer state is then initialized from those parameters.
-    """
-    init_key = run_keys(grid_run.seed)[0]
-    module = run.model.build(init_key)
-    if "dropout" in grid_run.values:
-        module = module.clone(dropout_rate=grid_run.values["dropout"])
-    optimizer = run.row_optimizers[grid_run.row] if run.row_optimizers else run.optimizer
-    create = partial(create_train_state, model=module, loss=run.loss, input_shape=(1, *run.image_shape))
+@contextlib.contextmanager
+def _model_errors(run: Run) -> Iterator[None]:
+    """The model's or the loss's own errors while a state is created, as one-line ``RunError``s."""
     try:
-        if compiled is None or not isinstance(module, nn.Module):
-            return create(init_key, optimizer=optimizer)
-        slot = grid_run.row if "dropout" in grid_run.values else 0
-        if slot not in compiled:
-            compiled[slot] = jax.jit(partial(create, optimizer=optimizer))
-        try:
-            state = compiled[slot](init_key)
-        except jax.errors.ConcretizationTypeError:  # a model whose initialization looks at values: eager
-            return create(init_key, optimizer=optimizer)
-        return state.replace(tx=optimizer, opt_state=optimizer.init(state.params))
+        yield
+    except (RunError, *_NEEDS_VALUES):  # ours, and the sign to initialize eagerly
+        raise
     except (ModelCallError, TypeError) as error:  # a __call__ or a loss that cannot be called as asked
         raise RunError(str(error)) from error
     except Exception as error:  # the model's own code raised on images of the data's shape
@@ -267,18 +315,24 @@ def _run_state(run: Run, grid_run: GridRun, compiled: dict | None = None) -> Tra
 
 
 def estimated_bytes(config: TrainConfig, state: TrainState, num_train_images: int) -> int:
-    """About how much memory the compiled epoch of ``num_runs(config)`` runs like ``state`` (one run's) needs.
+    """About how much memory the compiled epoch of ``num_runs(config)`` runs like ``state`` (one run's, or its
+    shapes) needs.
 
     Per run: the state twice (the donated one and the updated one), its gradients, a batch of images in
     the model's dtype with as much again for activations, and the epoch's per-step metrics; a rough
     figure, meant to refuse what cannot fit, before anything is compiled.
     """
-    state_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves((state.params, state.opt_state, state.collections)))
-    param_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state.params))
+    state_bytes = _bytes((state.params, state.opt_state, state.collections))
+    param_bytes = _bytes(state.params)
     itemsize = jax.tree.leaves(state.params)[0].dtype.itemsize
     batch_bytes = 2 * config.batch_size * int(np.prod(state.image_shape)) * itemsize
     metric_bytes = 4 * 8 * (num_train_images - config.val_split) // config.batch_size + 64
     return num_runs(config) * (2 * state_bytes + param_bytes + batch_bytes + metric_bytes)
+
+
+def _bytes(tree) -> int:
+    """The bytes of the arrays (or their shapes alone) of ``tree``."""
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree))
 
 
 def available_bytes() -> int | None:
@@ -303,12 +357,12 @@ def check_memory(config: TrainConfig, state: TrainState, num_train_images: int) 
 
 
 def count_classes(state: TrainState, image_shape: tuple[int, ...]) -> int:
-    """The number of classes the model of ``state`` (one seed's) scores; ``RunError`` unless its output is
-    ``(batch, classes)`` logits. Found by shape alone (``jax.eval_shape``): nothing is computed."""
+    """The number of classes the model of ``state`` (one seed's, or its shapes) scores; ``RunError`` unless its
+    output is ``(batch, classes)`` logits. Found by shape alone (``jax.eval_shape``): nothing is computed."""
     dtype = jax.tree.leaves(state.params)[0].dtype
     sample = jax.ShapeDtypeStruct((2, *image_shape), dtype)
     try:
-        output = jax.eval_shape(lambda images: state.apply_model(images)[0], sample)
+        output = jax.eval_shape(lambda state, images: state.apply_model(images)[0], state, sample)
     except Exception as error:  # the model's own code: say what it raised, in one line
         first_line = str(error).splitlines()[0] if str(error) else ""
         message = f"the model cannot take images of shape {image_shape}: {type(error).__name__}: {first_line}"

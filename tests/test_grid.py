@@ -10,7 +10,9 @@ import sys
 from pathlib import Path
 
 import chex
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -323,6 +325,25 @@ def test_a_grid_writes_one_tensorboard_folder_per_configuration_and_one_plot_ban
         tags = {value.tag for event in _events(tmp_path / "tb" / folder) for value in event.summary.value}
         assert {"epoch/val_loss", "epoch/val_loss_min", "epoch/train_loss_max", "batch/loss"} <= tags
     assert Image.open(tmp_path / "grid.png").size[0] > 0
+
+
+class _InitLooksAtValues(nn.Module):
+    """A linen model whose initializer needs a concrete value: it cannot be traced, so it is initialized eagerly."""
+
+    @nn.compact
+    def __call__(self, images, train: bool = False):
+        scale = self.param("scale", lambda key, shape: jnp.full(shape, float(jax.random.uniform(key))), (1,))
+        return nn.Dense(10)(images.reshape(images.shape[0], -1)) * scale
+
+
+def test_a_model_whose_initialization_needs_values_starts_each_run_as_alone():
+    config = TrainConfig(seeds=2, learning_rate=(0.01, 0.1))
+    stacked = initial_state(config, build_run(config, (28, 28), 640, model=_InitLooksAtValues()))
+    for row, grid_run in enumerate(grid_runs(config)):
+        alone_config = _alone(config, grid_run.values, grid_run.seed)
+        alone = initial_state(alone_config, build_run(alone_config, (28, 28), 640, model=_InitLooksAtValues()))
+        chex.assert_trees_all_equal(jax.tree.map(lambda leaf, row=row: leaf[row], stacked.params), alone.params)
+    assert stacked.params["scale"][0] != stacked.params["scale"][1]  # the seeds differ
 
 
 def test_every_run_starts_from_the_very_state_of_its_run_alone():

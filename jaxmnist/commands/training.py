@@ -219,7 +219,7 @@ def _train(
     from jaxmnist.config import check_against_data, num_runs, steps_per_epoch
     from jaxmnist.loop import early_stop_due, fit, start_of_run
     from jaxmnist.model import count_params
-    from jaxmnist.runs import build_run, check_images
+    from jaxmnist.runs import build_run, check_images, initial_shapes
 
     if writer:
         check_outputs(args)
@@ -227,13 +227,13 @@ def _train(
     num_train_images = len(train_data[0])
     check_against_data(config, num_train_images)
     run = build_run(config, check_images(train_data[0], "train_data"), num_train_images)
-    fresh = start_of_run(config, run)
-    restored = _resume(args, config, fresh.state) if args.resume else None
-    start = restored.progress if restored else fresh
+    # fit initializes a new run (the header needs its shapes alone); a resumed one is restored onto its initial state.
+    restored = _resume(args, config, start_of_run(config, run).state) if args.resume else None
+    start = restored.progress if restored else None
     stop.arm()  # from the header line on, a first signal stops at a step boundary and saves
-    num_params = count_params(fresh.state.params) // num_runs(config)
+    num_params = count_params(initial_shapes(config, run).params) // num_runs(config)
     print(describe(config, num_train_images, mesh, run.model.name, num_params), flush=True)
-    if start.epoch > config.epochs or early_stop_due(start.history, config.early_stopping):
+    if start is not None and (start.epoch > config.epochs or early_stop_due(start.history, config.early_stopping)):
         print(
             f"nothing to do: the checkpoint has finished its run ({start.epoch - 1} epochs, --epochs {config.epochs})"
         )

@@ -74,6 +74,7 @@ def test_gradients_match_central_finite_differences(loss: str):
             np.testing.assert_allclose(np.asarray(grads[name]).ravel(), estimate, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_chain_rule_intermediates_are_the_upstream_gradients_at_each_node():
     params, inputs, labels = _problem(jnp.float32)
     _, upstream = backprop.chain_rule_grads(params, inputs, labels, "mse")

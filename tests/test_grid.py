@@ -122,6 +122,7 @@ def test_the_runs_are_every_combination_of_the_values_times_the_seeds():
     assert [(run.values["momentum"], run.seed) for run in runs[:4]] == [(0.5, 7), (0.5, 8), (0.9, 7), (0.9, 8)]
 
 
+@pytest.mark.slow
 def test_every_run_holds_its_own_hyperparameters_in_its_state():
     config = TrainConfig(optimizer="momentum", learning_rate=(0.1, 0.2), momentum=(0.5, 0.9), dropout=(0.0, 0.25))
     state = initial_state(config, build_run(config, (28, 28), 640))

@@ -207,6 +207,7 @@ def test_train_epoch_equals_a_loop_of_train_step_for_a_stateful_model(digits, ma
     chex.assert_trees_all_close(scanned_state.collections, looped_state.collections, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_nnx_model_with_batchnorm_dropout_and_adamw_trains_and_comes_back_as_nnx(digits):
     images, labels = digits
     model = NnxBatchNormDropoutNet(nnx.Rngs(0))

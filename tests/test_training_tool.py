@@ -85,6 +85,7 @@ def test_each_optimizer_is_optax_s(digits, settings, reference):
     chex.assert_trees_all_close(ours.params, theirs.params, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.slow
 def test_dropout_is_on_in_training_only(digits):
     (images, labels), _ = digits
     config = TrainConfig(dropout=0.5)

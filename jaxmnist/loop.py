@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 from jaxmnist.config import TrainConfig, num_runs
 from jaxmnist.model_source import Model, ModelSource
 from jaxmnist.normalization import normalize
-from jaxmnist.parallel import replicate, runs_sharding
+from jaxmnist.parallel import replicate, shard_runs
 from jaxmnist.programs import Programs, per_run
 from jaxmnist.runs import (
     GridRun,
@@ -280,10 +280,7 @@ def fit(
     check_labels(count_classes(one_run_state, image_shape), {"train_data": train_data[1], "test_data": test_data[1]})
     train_data, val_data = hold_out(config, *train_data)
     place = jax.device_put if mesh is None else partial(replicate, mesh=mesh)
-    if mesh is not None and len(runs) > 1:
-        state = jax.device_put(progress.state, runs_sharding(len(runs), mesh))
-    else:
-        state = place(progress.state)
+    state = shard_runs(progress.state, mesh) if mesh is not None and len(runs) > 1 else place(progress.state)
     if start is not None:  # the compiled calls donate their input: leave the caller's start intact
         state = jax.tree.map(jnp.copy, state)
     images, labels = place(train_data)

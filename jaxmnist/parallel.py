@@ -55,11 +55,12 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, sharding, lambda index: x[index]), tree)
 
 
-def runs_sharding(runs: int, mesh: Mesh) -> NamedSharding:
-    """The sharding that splits the leading (run) axis of ``runs`` runs' arrays over the devices of ``mesh``."""
+def shard_runs(tree: Any, mesh: Mesh) -> Any:
+    """Splits the leading (run) axis of every array of ``tree`` over the devices of ``mesh``."""
+    runs = jax.tree.leaves(tree)[0].shape[0]
     if runs % mesh.size:
         raise DeviceError(f"{runs} runs (grid rows × `seeds`) do not divide evenly over `num_devices`={mesh.size}")
-    return batch_sharded(mesh)
+    return jax.device_put(tree, batch_sharded(mesh))
 
 
 def runs_devices(runs: int, available: int) -> int:

@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 from jaxmnist.config import TrainConfig, num_runs
 from jaxmnist.model_source import Model, ModelSource
 from jaxmnist.normalization import normalize
-from jaxmnist.parallel import replicate, shard_runs
+from jaxmnist.parallel import replicate, runs_sharded, shard_runs
 from jaxmnist.programs import Programs, per_run
 from jaxmnist.runs import (
     GridRun,
@@ -149,11 +149,12 @@ class DivergenceError(ArithmeticError):
         self.epoch, self.step, self.loss, self.seed, self.values = epoch, step, loss, seed, values or {}
 
 
-def start_of_run(config: TrainConfig, run: Run) -> Progress:
-    """The progress of ``run`` before its first step."""
+def start_of_run(config: TrainConfig, run: Run, runs_sharding: jax.sharding.Sharding | None = None) -> Progress:
+    """The progress of ``run`` before its first step (``runs_sharding``: see ``initial_state``)."""
     runs = num_runs(config)
     empty = np.zeros((runs, 0) if runs > 1 else 0, np.dtype(config.dtype))
-    return Progress(initial_state(config, run), epoch=1, position=0, step_losses=empty, step_accuracies=empty)
+    state = initial_state(config, run, runs_sharding)
+    return Progress(state, epoch=1, position=0, step_losses=empty, step_accuracies=empty)
 
 
 def _append_steps(done: np.ndarray, new: jax.Array | np.ndarray, runs: int) -> np.ndarray:
@@ -268,8 +269,9 @@ def fit(
     if check_images(test_data[0], "test_data") != image_shape:
         raise RunError(f"`test_data` images are {test_data[0].shape[1:]}, `train_data` images {image_shape}")
     run = build_run(config, image_shape, len(train_data[0]), model, optimizer, loss)
-    progress = start_of_run(config, run) if start is None else start
     runs = grid_runs(config)
+    runs_sharding = runs_sharded(mesh, len(runs)) if mesh is not None and len(runs) > 1 else None  # born where they train
+    progress = start_of_run(config, run, runs_sharding) if start is None else start
     one_run_state = progress.state  # of several runs, the first one's shapes: the checks need no more
     if len(runs) > 1:
         one_run_state = jax.eval_shape(partial(jax.tree.map, lambda leaf: leaf[0]), progress.state)

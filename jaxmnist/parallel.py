@@ -55,12 +55,16 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, sharding, lambda index: x[index]), tree)
 
 
-def shard_runs(tree: Any, mesh: Mesh) -> Any:
-    """Splits the leading (run) axis of every array of ``tree`` over the devices of ``mesh``."""
-    runs = jax.tree.leaves(tree)[0].shape[0]
+def runs_sharded(mesh: Mesh, runs: int) -> NamedSharding:
+    """The sharding of ``runs`` runs' arrays split along their leading (run) axis over ``mesh``."""
     if runs % mesh.size:
         raise DeviceError(f"{runs} runs (grid rows × `seeds`) do not divide evenly over `num_devices`={mesh.size}")
-    return jax.device_put(tree, batch_sharded(mesh))
+    return batch_sharded(mesh)
+
+
+def shard_runs(tree: Any, mesh: Mesh) -> Any:
+    """Splits the leading (run) axis of every array of ``tree`` over the devices of ``mesh``."""
+    return jax.device_put(tree, runs_sharded(mesh, jax.tree.leaves(tree)[0].shape[0]))
 
 
 def runs_devices(runs: int, available: int) -> int:

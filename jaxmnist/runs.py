@@ -40,6 +40,9 @@ _NEEDS_VALUES = (
     jax.errors.TracerArrayConversionError,
     jax.errors.TracerIntegerConversionError,
 )
+# The initialization is compiled to run once: on a CPU, LLVM's O1 halves its compile time and gives the
+# numbers of the default O3 (the tests compare every run with its eager initialization; O0 would not).
+_RUN_ONCE_CPU_OPTIONS = {"xla_backend_optimization_level": 1}
 # Salts for keys derived from the seed besides the init and data keys (which stay split(key(seed))).
 _VALIDATION_SALT = 0x76616C  # "val"
 
@@ -216,14 +219,15 @@ def build_run(
     )
 
 
-def initial_state(config: TrainConfig, run: Run) -> TrainState:
+def initial_state(config: TrainConfig, run: Run, runs_sharding: jax.sharding.Sharding | None = None) -> TrainState:
     """The freshly initialized train state of every run (grid rows × seeds).
 
     With several runs, the states stacked along a leading axis, each exactly the state its values and
     seed give alone: a linen model is initialized from the seed's key, an NNX model built from
     ``nnx.Rngs`` of it; the optimizer holds the row's hyperparameters. Before the second run is built,
     the memory the program needs is estimated from the first, and a grid too large is refused
-    (``RunError``).
+    (``RunError``). ``runs_sharding`` places several runs' states where they will train (e.g. split over
+    the devices along the run axis).
     """
     first_run = GridRun(grid_rows(config)[0], config.seed)
     create_first = _creation(run, first_run)
@@ -234,7 +238,7 @@ def initial_state(config: TrainConfig, run: Run) -> TrainState:
         try:
             with _model_errors(run):
                 check_memory(config, jax.eval_shape(create_first, run_keys(first_run.seed)[0]), run.num_train_images)
-                return _linen_states(config, run)
+                return _linen_states(config, run, runs_sharding)
         except _NEEDS_VALUES:
             pass
     with _model_errors(run):
@@ -266,7 +270,7 @@ def _creation(run: Run, grid_run: GridRun) -> Callable[[jax.Array], TrainState]:
                    input_shape=(1, *run.image_shape))  # fmt: skip
 
 
-def _linen_states(config: TrainConfig, run: Run) -> TrainState:
+def _linen_states(config: TrainConfig, run: Run, sharding: jax.sharding.Sharding | None) -> TrainState:
     """Every run's state from one compiled call: the parameters of each module (one per dropout rate, else
     one) initialized for each of its runs' keys in turn, then each row's optimizer state from its runs'
     parameters: the numbers each run's eager initialization gives."""
@@ -284,7 +288,13 @@ def _linen_states(config: TrainConfig, run: Run) -> TrainState:
                       for part, params in zip(rows, row_params, strict=True)]  # fmt: skip
         return state.replace(opt_state=jax.tree.map(lambda *leaves: jnp.concatenate(leaves), *opt_states))
 
-    return jax.jit(states)(jnp.asarray([grid_run.seed for grid_run in runs], jnp.uint32))
+    seeds = jnp.asarray([grid_run.seed for grid_run in runs], jnp.uint32)
+    call = jax.jit(states, out_shardings=sharding)
+    if isinstance(seeds, jax.core.Tracer):  # traced for its shapes (``initial_shapes``): nothing to compile
+        return call(seeds)
+    lowered = call.lower(seeds)
+    platform = next(iter(sharding.device_set)).platform if sharding is not None else jax.default_backend()
+    return lowered.compile(_RUN_ONCE_CPU_OPTIONS if platform == "cpu" else None)(seeds)
 
 
 def _stacked(states: list[TrainState], concatenate: bool = False) -> TrainState:

@@ -347,6 +347,24 @@ def test_a_model_whose_initialization_needs_values_starts_each_run_as_alone():
     assert stacked.params["scale"][0] != stacked.params["scale"][1]  # the seeds differ
 
 
+class _FlaxInitializers(nn.Module):
+    """flax's own initializers: lecun_normal draws a truncated normal (through erf_inv, float arithmetic)."""
+
+    @nn.compact
+    def __call__(self, images, train: bool = False):
+        features = nn.relu(nn.Conv(4, (3, 3), strides=2)(images[..., None]))
+        return nn.Dense(10)(features.reshape(images.shape[0], -1))
+
+
+def test_seeds_of_a_model_with_flax_initializers_start_as_each_seed_alone():
+    config = TrainConfig(seeds=3, seed=5)
+    stacked = initial_state(config, build_run(config, (28, 28), 640, model=_FlaxInitializers()))
+    for row, seed in enumerate(range(5, 8)):
+        alone_config = TrainConfig(seed=seed)
+        alone = initial_state(alone_config, build_run(alone_config, (28, 28), 640, model=_FlaxInitializers()))
+        chex.assert_trees_all_equal(jax.tree.map(lambda leaf, row=row: leaf[row], stacked.params), alone.params)
+
+
 def test_every_run_starts_from_the_very_state_of_its_run_alone():
     config = TrainConfig(optimizer="adamw", weight_decay=(0.0, 0.1), dropout=(0.0, 0.2), seeds=2)
     run = build_run(config, (28, 28), 640)

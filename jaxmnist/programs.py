@@ -68,7 +68,10 @@ class Programs:
         else:
             self.chunk_call = self._chunk_program(chunk).lower(state, images, labels, indices, mask, 0).compile()
         self.compile_seconds = time.perf_counter() - started
-        self.evaluate = jax.jit(jax.vmap(evaluate, in_axes=(0, None, None))) if self.vmapped else evaluate
+        # On a CPU the runs are evaluated one after another: a run's own large GEMM beats the runs' batched
+        # GEMMs and their transposes (8 runs on 10,000 images: 0.25 s against 0.32 s).
+        over_runs = self._over_runs(evaluate, (0, None, None), runs_per_group=1)
+        self.evaluate = jax.jit(over_runs) if self.vmapped else evaluate
 
     def epoch_keys(self, epoch: int) -> jax.Array:
         """The shuffle key of ``epoch`` for every run (stacked when there are several)."""
@@ -120,15 +123,15 @@ class Programs:
             return jax.jit(chunk, donate_argnums=0)
         return jax.jit(self._over_runs(chunk, (0, None, None, 0, 0, None)), donate_argnums=0)
 
-    def _over_runs(self, call, in_axes: tuple[int | None, ...]):
-        """``call`` of one run over every run: under ``vmap``; on a CPU in groups of ``CPU_RUNS_PER_GROUP``
-        runs, one group after another; over several devices, each device's own runs (``shard_map``)."""
+    def _over_runs(self, call, in_axes: tuple[int | None, ...], runs_per_group: int = CPU_RUNS_PER_GROUP):
+        """``call`` of one run over every run: under ``vmap``; on a CPU in groups of ``runs_per_group`` runs,
+        one group after another; over several devices, each device's own runs (``shard_map``)."""
         vmapped = jax.vmap(call, in_axes=in_axes)
         per_run = [index for index, axis in enumerate(in_axes) if axis == 0]
 
         def grouped(*args):
             runs = jax.tree.leaves(args[per_run[0]])[0].shape[0]
-            group = max(size for size in range(1, CPU_RUNS_PER_GROUP + 1) if runs % size == 0)
+            group = max(size for size in range(1, runs_per_group + 1) if runs % size == 0)
             if not self.on_cpu or group == runs:
                 return vmapped(*args)
 

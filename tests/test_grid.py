@@ -23,10 +23,13 @@ from jaxmnist.commands import predict
 from jaxmnist.config import SettingsError, TrainConfig, grid_rows, num_runs
 from jaxmnist.data import load_mnist
 from jaxmnist.loop import DivergenceError, fit
+from jaxmnist.normalization import normalize
 from jaxmnist.parallel import runs_devices
 from jaxmnist.predict import predict_probabilities
+from jaxmnist.programs import Programs
 from jaxmnist.runs import RunError, build_run, estimated_bytes, grid_runs, initial_state
 from jaxmnist.sweeps import best_configuration, final_results, summarize
+from jaxmnist.train import evaluate
 
 from conftest import kept, make_digits, template_state, train_exit_code
 
@@ -108,6 +111,18 @@ def test_each_run_of_a_rate_grid_matches_its_run_alone_over_the_first_100_steps_
         alone = _last(_alone(config, run.values, run.seed), data)
         relative = np.abs(grid.step_losses[row] - alone.step_losses) / alone.step_losses
         assert grid.step_losses.shape == (2, 100) and relative.max() <= 1e-5
+
+
+def test_each_run_of_a_grid_is_evaluated_to_the_bit_as_alone(small_data):
+    config = TrainConfig(batch_size=32, learning_rate=(0.01, 0.03, 0.1, 0.3), seeds=2, loop="step")
+    state = initial_state(config, build_run(config, (28, 28), 256))
+    (train_images, train_labels), (images, labels) = small_data[0], make_digits(1000, seed=9)
+    programs = Programs(config, state, jnp.asarray(train_images), jnp.asarray(train_labels), 1, mesh=None)
+    normalized = normalize(jnp.asarray(images), jnp.float32)
+    grid = programs.evaluate(state, normalized, jnp.asarray(labels))
+    for row in range(num_runs(config)):
+        alone = evaluate(jax.tree.map(lambda leaf, row=row: leaf[row], state), normalized, jnp.asarray(labels))
+        chex.assert_trees_all_equal(jax.tree.map(lambda metric, row=row: metric[row], grid), alone)
 
 
 def test_the_runs_are_every_combination_of_the_values_times_the_seeds():

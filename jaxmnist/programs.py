@@ -52,7 +52,8 @@ class Programs:
         # Several runs spread over the devices along their own axis; one run splits its batches.
         self.mesh = None if self.vmapped else mesh
         self.runs_mesh = mesh if self.vmapped else None
-        self.on_cpu = jax.tree.leaves(state)[0].devices().pop().platform == "cpu"
+        # (``devices()`` may be the sharding's own set: read it, never pop it)
+        self.on_cpu = next(iter(jax.tree.leaves(state)[0].devices())).platform == "cpu"
         self.steps_per_epoch = num_batches(images.shape[0], config.batch_size)
         self.width = padded_batch_width(config.batch_size, self.mesh)
         self.data_keys = [run_keys(run.seed)[1] for run in grid_runs(config)]

@@ -247,3 +247,14 @@ def test_bad_values_and_combinations_are_one_line_exit_2(tiny_mnist_dir: Path, c
     assert train_exit_code(tiny_mnist_dir, *flags) == 2
     captured = capsys.readouterr()
     assert captured.err.count("\n") == 1 and message in captured.err and "Training loss" not in captured.out
+
+
+def test_runs_fitted_one_after_another_on_one_mesh_leave_its_devices_whole(digits):
+    from jaxmnist.parallel import make_mesh
+
+    mesh = make_mesh(1)
+    devices = set(mesh.devices.flat)
+    for _ in range(2):
+        last = list(fit(TrainConfig(epochs=1, batch_size=32, seeds=2), *digits, mesh=mesh))[-1]
+        assert last.result.epoch == 1
+        assert all(leaf.devices() == devices for leaf in jax.tree.leaves(last.state))

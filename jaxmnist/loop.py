@@ -270,7 +270,7 @@ def fit(
         raise RunError(f"`test_data` images are {test_data[0].shape[1:]}, `train_data` images {image_shape}")
     run = build_run(config, image_shape, len(train_data[0]), model, optimizer, loss)
     runs = grid_runs(config)
-    runs_sharding = runs_sharded(mesh, len(runs)) if mesh is not None and len(runs) > 1 else None  # born where they train
+    runs_sharding = runs_sharded(mesh, len(runs)) if mesh is not None and len(runs) > 1 else None
     progress = start_of_run(config, run, runs_sharding) if start is None else start
     one_run_state = progress.state  # of several runs, the first one's shapes: the checks need no more
     if len(runs) > 1:

@@ -280,6 +280,8 @@ def test_the_command_prints_a_line_per_configuration_and_a_table_naming_the_best
     [
         (["--lr", "0.1,abc"], "argument --lr: must be a finite number > 0, got 'abc'"),
         (["--lr", "0.1,0.1"], "--lr lists 0.1 twice"),
+        (["--lr", "-1,0.1"], "argument --lr: must be a finite number > 0, got '-1'"),
+        (["--momentum", "-.5", "--optimizer", "momentum"], "argument --momentum: must be a number in [0, 1)"),
         (["--dropout", "0.1,1.5"], "argument --dropout: must be a number in [0, 1), got '1.5'"),
         (["--batch-size", "32,64"], "argument --batch-size: takes one value: lists are for --lr, --momentum"),
         (["--epochs", "1,2"], "argument --epochs: takes one value"),

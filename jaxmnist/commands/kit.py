@@ -31,6 +31,21 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_BAD_INPUT, f"error: {message}{self._suggestion(message)} (see {self.prog} --help)\n")
 
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None):
+        return super().parse_known_args(self._attached_values(args), namespace)
+
+    def _attached_values(self, args: Sequence[str] | None) -> list[str]:
+        """``--lr -1,0.1`` read as ``--lr=-1,0.1``: argparse takes a value that starts with "-" for a flag
+        unless it is a single number, and would say the flag has no value instead of what is wrong with it."""
+        takes_a_value = {option for action in self._actions if action.nargs is None for option in action.option_strings}
+        attached: list[str] = []
+        for token in sys.argv[1:] if args is None else args:
+            if attached and attached[-1] in takes_a_value and re.fullmatch(r"-[\d.].*", token):
+                attached[-1] = f"{attached[-1]}={token}"
+            else:
+                attached.append(token)
+        return attached
+
     def _suggestion(self, message: str) -> str:
         unknown = re.match(r"unrecognized arguments: (.*)", message)
         if unknown is None:

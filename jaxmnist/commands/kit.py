@@ -31,7 +31,9 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_BAD_INPUT, f"error: {message}{self._suggestion(message)} (see {self.prog} --help)\n")
 
-    def parse_known_args(self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None):
+    def parse_known_args(
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
         return super().parse_known_args(self._attached_values(args), namespace)
 
     def _attached_values(self, args: Sequence[str] | None) -> list[str]:

@@ -258,3 +258,22 @@ def test_runs_fitted_one_after_another_on_one_mesh_leave_its_devices_whole(digit
         last = list(fit(TrainConfig(epochs=1, batch_size=32, seeds=2), *digits, mesh=mesh))[-1]
         assert last.result.epoch == 1
         assert all(leaf.devices() == devices for leaf in jax.tree.leaves(last.state))
+
+
+@pytest.mark.parametrize("seeds", [1, 2])
+def test_an_epoch_in_calls_of_uneven_length_compiles_nothing_after_the_first_epoch(digits, seeds):
+    """10 steps per epoch in calls of 3 end each epoch with a call of 1: its program is compiled once, not
+    again every epoch."""
+    compiles = []
+
+    def count(event: str, seconds: float, **kwargs) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(count)
+    try:
+        config = TrainConfig(epochs=3, batch_size=32, seeds=seeds)
+        after_each_epoch = [len(compiles) for progress in fit(config, *digits, steps_per_call=3) if progress.result]
+    finally:
+        jax.monitoring.unregister_event_duration_listener(count)
+    assert after_each_epoch[0] > 0 and after_each_epoch[1:] == after_each_epoch[:1] * 2

@@ -33,11 +33,14 @@ def _outputs_text(notebook) -> str:
 
 def test_notebook_executes_and_trains(tmp_path: Path):
     notebook = nbformat.read(NOTEBOOK, as_version=4)
+    (parameters,) = [cell for cell in notebook.cells if "parameters" in cell.metadata.get("tags", [])]
     real = os.environ.get(DATA_DIR_ENV)
-    if not (real and Path(real).is_dir()):
+    if real and Path(real).is_dir():
+        # Its step-by-step loop takes ~4 s an epoch here; 3 of the 5 epochs already pass 85 % test accuracy.
+        parameters.source = "DATA_DIR = None\nVERIFY = True\nEPOCHS = 3"
+    else:
         write_mnist(tmp_path / "data", "train", *make_digits(2000, seed=1))
         write_mnist(tmp_path / "data", "test", *make_digits(200, seed=2))
-        (parameters,) = [cell for cell in notebook.cells if "parameters" in cell.metadata.get("tags", [])]
         parameters.source = f"DATA_DIR = {str(tmp_path / 'data')!r}\nVERIFY = False\nEPOCHS = 3"
     nbclient.NotebookClient(
         notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}

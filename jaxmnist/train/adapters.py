@@ -170,7 +170,7 @@ class NnxModel:
             {variable.tag for _, variable in nnx.to_flat_state(rng_state) if isinstance(variable, nnx.RngKey)}
         )
         model = cls(graphdef, params, rng_state, rest, tuple(streams), signature)
-        return model, params.to_pure_dict(), rest.to_pure_dict()
+        return model, nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
 
     def module(self, params: Params, collections: Collections) -> nnx.Module:
         """A new NNX module holding ``params`` and ``collections`` (fresh variables, usable inside a trace)."""
@@ -206,8 +206,8 @@ class NnxModel:
         outputs = module(images, **self.signature.inputs(inputs or {}))
         _, _, _, sown, rest = nnx.split(module, nnx.Param, nnx.RngState, nnx.Intermediate, ...)
         if not train:
-            return outputs, collections, sown.to_pure_dict()
-        return outputs, rest.to_pure_dict(), sown.to_pure_dict()
+            return outputs, collections, nnx.to_pure_dict(sown)
+        return outputs, nnx.to_pure_dict(rest), nnx.to_pure_dict(sown)
 
 
 ModelCall = LinenModel | NnxModel

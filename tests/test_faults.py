@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import random
-import resource
 import shutil
 import signal
 import subprocess
@@ -116,13 +115,16 @@ def test_a_truncated_newest_checkpoint_is_skipped_naming_it(small_mnist_dir: Pat
     assert f"{tmp_path / 'ck'}: none of its" in none_left.stderr
 
 
-def _limit_file_size() -> None:
-    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))  # a checkpoint is larger
+def _with_file_size_limit(command: list[str], limit: int) -> list[str]:
+    """``command`` run with files capped at ``limit`` bytes: set in the child's own Python, then exec'd (a
+    ``preexec_fn`` would fork this multithreaded JAX process)."""
+    setup = f"import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
+    return [sys.executable, "-c", setup + "os.execv(sys.argv[1], sys.argv[1:])", *command]
 
 
 def test_a_file_too_large_is_one_line_exit_74_and_leaves_no_temporary_file(small_mnist_dir, uninterrupted, tmp_path):
     command = _command(small_mnist_dir, tmp_path / "ck", tmp_path / "m.jsonl")
-    failed = subprocess.run(command, capture_output=True, text=True, preexec_fn=_limit_file_size)
+    failed = subprocess.run(_with_file_size_limit(command, 200_000), capture_output=True, text=True)  # < a checkpoint
     assert failed.returncode == EXIT_WRITE_FAILED, failed.stderr
     assert failed.stderr.count("\n") == 1 and "Traceback" not in failed.stderr
     assert "cannot write" in failed.stderr and "file too large" in failed.stderr and "--resume" in failed.stderr

@@ -70,10 +70,10 @@ class Programs:
             self.step = step.lower(state, self._batch(state, indices, mask, 0)).compile()
         elif whole_epochs:
             self.epoch = self._epoch_program().lower(state, images, labels, first_keys).compile()
-        else:
-            self._chunk_calls[chunk] = (
-                self._chunk_program(chunk).lower(state, images, labels, indices, mask, 0).compile()
-            )
+        else:  # the calls' length and the epoch's shorter last call, if any: both before the first step
+            for length in sorted({chunk, self.steps_per_epoch % chunk} - {0}, reverse=True):
+                program = self._chunk_program(length)
+                self._chunk_calls[length] = program.lower(state, images, labels, indices, mask, 0).compile()
         self.compile_seconds = time.perf_counter() - started
         # On a CPU the runs are evaluated one after another: a run's own large GEMM beats the runs' batched
         # GEMMs and their transposes (8 runs on 10,000 images: 0.25 s against 0.32 s).

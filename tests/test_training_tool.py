@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import struct
@@ -260,20 +261,38 @@ def test_runs_fitted_one_after_another_on_one_mesh_leave_its_devices_whole(digit
         assert all(leaf.devices() == devices for leaf in jax.tree.leaves(last.state))
 
 
+@contextlib.contextmanager
+def counted_compilations():
+    """A list that grows by one for every XLA compilation while the context is open."""
+    compilations = []
+
+    def count(event: str, seconds: float, **kwargs) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            compilations.append(seconds)
+
+    jax.monitoring.register_event_duration_secs_listener(count)
+    try:
+        yield compilations
+    finally:
+        jax.monitoring.unregister_event_duration_listener(count)
+
+
 @pytest.mark.parametrize("seeds", [1, 2])
 def test_an_epoch_in_calls_of_uneven_length_compiles_nothing_after_the_first_epoch(digits, seeds):
     """10 steps per epoch in calls of 3 end each epoch with a call of 1: its program is compiled once, not
     again every epoch."""
-    compiles = []
-
-    def count(event: str, seconds: float, **kwargs) -> None:
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(count)
-    try:
-        config = TrainConfig(epochs=3, batch_size=32, seeds=seeds)
-        after_each_epoch = [len(compiles) for progress in fit(config, *digits, steps_per_call=3) if progress.result]
-    finally:
-        jax.monitoring.unregister_event_duration_listener(count)
+    config = TrainConfig(epochs=3, batch_size=32, seeds=seeds)
+    with counted_compilations() as compilations:
+        after_each_epoch = [len(compilations) for p in fit(config, *digits, steps_per_call=3) if p.result]
     assert after_each_epoch[0] > 0 and after_each_epoch[1:] == after_each_epoch[:1] * 2
+
+
+def test_an_epoch_s_shorter_last_call_is_compiled_before_the_first_step(digits):
+    """So its compilation is counted with the others, not in the epoch's seconds: once training has started,
+    the only compilation is the evaluation's at the epoch's end."""
+    with counted_compilations() as compilations:
+        after_each_call = [
+            len(compilations) for _ in fit(TrainConfig(epochs=1, batch_size=32), *digits, steps_per_call=3)
+        ]
+    first = after_each_call[0]
+    assert first > 0 and after_each_call == [first, first, first, first + 1]

@@ -71,7 +71,8 @@ class Programs:
         elif whole_epochs:
             self.epoch = self._epoch_program().lower(state, images, labels, first_keys).compile()
         else:  # the calls' length and the epoch's shorter last call, if any: both before the first step
-            for length in sorted({chunk, self.steps_per_epoch % chunk} - {0}, reverse=True):
+            last = self.steps_per_epoch % chunk
+            for length in (chunk, last) if last else (chunk,):
                 program = self._chunk_program(length)
                 self._chunk_calls[length] = program.lower(state, images, labels, indices, mask, 0).compile()
         self.compile_seconds = time.perf_counter() - started

@@ -90,6 +90,12 @@ def early_stop_due(history: Sequence[EpochResult], patience: int) -> bool:
     return bool(patience and best is not None and history[-1].epoch - best.epoch >= patience)
 
 
+def run_complete(config: TrainConfig, progress: Progress) -> bool:
+    """Whether ``progress`` ends its run: its last epoch finished, or early stopping due."""
+    epochs_done = progress.epoch if progress.epoch_done else progress.epoch - 1
+    return epochs_done >= config.epochs or early_stop_due(progress.history, config.early_stopping)
+
+
 @dataclasses.dataclass(frozen=True)
 class Progress:
     """Where a run stands after a compiled call: enough to continue it exactly.
@@ -294,7 +300,7 @@ def fit(
     steps_per_epoch = num_batches(len(images), config.batch_size)
     programs = Programs(config, state, images, labels, min(steps_per_call or steps_per_epoch, steps_per_epoch), mesh)
     compile_seconds = programs.compile_seconds
-    while progress.epoch <= config.epochs and not early_stop_due(progress.history, config.early_stopping):
+    while not run_complete(config, progress):
         keys = programs.epoch_keys(progress.epoch)
         whole_epoch = config.loop == "scan" and progress.position == 0 and programs.chunk == steps_per_epoch
         batches = None if whole_epoch else programs.batch_indices(keys)

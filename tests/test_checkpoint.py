@@ -217,6 +217,51 @@ def test_a_second_sigint_inside_a_long_compiled_call_exits_at_once_with_130_and_
     assert checkpoint_paths(tmp_path / "ck") == [saved] and saved.read_bytes() == saved_bytes
 
 
+def _train_with_a_stop_already_asked(argv: list[str]) -> int:
+    """The train command in this process, as if a first SIGINT had come during its first compiled call."""
+    from jaxmnist.commands.stopping import GracefulStop
+    from jaxmnist.commands.train import build_parser, config_from_args
+    from jaxmnist.commands.training import run
+
+    args = build_parser().parse_args(argv)
+    stop = GracefulStop()
+    stop.signal_number = signal.SIGINT
+    return run(args, argv, config_from_args(args), stop)
+
+
+def test_a_stop_asked_in_the_last_call_ends_the_run_with_all_its_outputs(small_mnist_dir: Path, tmp_path: Path, capsys):
+    flags = ["--data-dir", str(small_mnist_dir), "--no-verify", "--no-compile-cache", "--lr", "0.05,0.1", "--seeds",
+             "2", "--batch-size", "32", "--checkpoint-dir", str(tmp_path / "ck"), "--save", str(tmp_path / "s.msgpack")]  # fmt: skip
+    assert _train_with_a_stop_already_asked([*flags, "--epochs", "2"]) == 130  # epoch 1 of 2: a real stop
+    assert not (tmp_path / "s.msgpack").exists()
+    capsys.readouterr()
+    assert _train_with_a_stop_already_asked([*flags, "--epochs", "2", "--resume"]) == 0  # the last epoch
+    said = capsys.readouterr()
+    assert "best: lr 0.1" in said.out or "best: lr 0.05" in said.out
+    assert "SIGINT: the run had finished: nothing to resume" in said.err and "resume with" not in said.err
+    saved = serialization.msgpack_restore((tmp_path / "s.msgpack").read_bytes())
+    newest = serialization.msgpack_restore(checkpoint_paths(tmp_path / "ck")[-1].read_bytes())
+    chex.assert_trees_all_equal(saved["params"], newest["state"]["params"])
+
+
+def test_resuming_a_finished_run_writes_the_outputs_it_missed(small_mnist_dir: Path, tmp_path: Path, capsys):
+    """A kill after the last checkpoint and before ``--save`` loses nothing: the resume writes it."""
+    flags = ["--lr", "0.05,0.1", "--seeds", "2", "--batch-size", "32", "--epochs", "2",
+             "--checkpoint-dir", str(tmp_path / "ck")]  # fmt: skip
+    assert train_exit_code(small_mnist_dir, *flags) == 0
+    table = capsys.readouterr().out.split("after 2 epochs")[1]
+    outputs = ["--save", str(tmp_path / "s.msgpack"), "--metrics-out", str(tmp_path / "m.jsonl")]
+    assert train_exit_code(small_mnist_dir, *flags, "--resume", *outputs) == 0
+    said = capsys.readouterr().out
+    assert "the checkpoint has finished its run (2 epochs, --epochs 2): writing its outputs" in said
+    assert said.split("after 2 epochs")[1].startswith(table)  # the same table, from the checkpoint's history
+    assert f"trained parameters written to {tmp_path / 's.msgpack'}" in said
+    assert len((tmp_path / "m.jsonl").read_text().splitlines()) == 2 * 4  # a record per run per epoch
+    saved = serialization.msgpack_restore((tmp_path / "s.msgpack").read_bytes())
+    newest = serialization.msgpack_restore(checkpoint_paths(tmp_path / "ck")[-1].read_bytes())
+    chex.assert_trees_all_equal(saved["params"], newest["state"]["params"])
+
+
 def test_cli_divergence_is_one_line_and_keeps_the_last_finite_checkpoint(small_mnist_dir: Path, tmp_path: Path, capsys):
     code = main(
         [

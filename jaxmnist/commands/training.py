@@ -217,7 +217,7 @@ def _train(
     from jaxmnist.checkpoint import checkpoint_path, save_checkpoint
     from jaxmnist.commands.reporting import OutputWriteError, saved_model_bytes, write_output
     from jaxmnist.config import check_against_data, num_runs, steps_per_epoch
-    from jaxmnist.loop import early_stop_due, fit, start_of_run
+    from jaxmnist.loop import fit, run_complete, start_of_run
     from jaxmnist.model import count_params
     from jaxmnist.runs import build_run, check_images, initial_shapes
 
@@ -233,18 +233,17 @@ def _train(
     stop.arm()  # from the header line on, a first signal stops at a step boundary and saves
     num_params = count_params(initial_shapes(config, run).params) // num_runs(config)
     print(describe(config, num_train_images, mesh, run.model.name, num_params), flush=True)
-    if start is not None and (start.epoch > config.epochs or early_stop_due(start.history, config.early_stopping)):
-        print(
-            f"nothing to do: the checkpoint has finished its run ({start.epoch - 1} epochs, --epochs {config.epochs})"
-        )
-        return 0
+    finished = start is not None and run_complete(config, start)
+    if finished:  # e.g. stopped after its last checkpoint and before its outputs: they are written now
+        print(f"the checkpoint has finished its run ({start.epoch - 1} epochs, --epochs {config.epochs}): "
+              "writing its outputs")  # fmt: skip
 
     saved_at = restored.path if restored else None
     try:
         reporter = _reporter(args, config, steps_per_epoch(config, num_train_images), start)
         progress = start
         with contextlib.closing(reporter):
-            steps = fit(
+            steps = () if finished else fit(
                 config,
                 train_data,
                 test_data,
@@ -253,7 +252,7 @@ def _train(
                 max_loss=args.max_loss,
                 mesh=mesh if mesh.size > 1 else None,
                 model=run.model if config.model else None,  # the lesson's MLP: built by fit, per grid row
-            )
+            )  # fmt: skip
             for progress in steps:
                 # The metrics record goes first: a kill before the checkpoint redoes the epoch, and the
                 # resumed run rewrites the file from the checkpoint's history.
@@ -265,7 +264,8 @@ def _train(
                         saved_at = save_checkpoint(args.checkpoint_dir, config, progress, keep=args.keep)
                     except OSError as error:
                         raise OutputWriteError(path, error) from error
-                if stop.signal_number is not None:
+                # A stop asked for during the last call has nothing left to stop: the run ends as usual.
+                if stop.signal_number is not None and not run_complete(config, progress):
                     reporter.draw_plot()
                     return _report_stop(stop.signal_number, progress, saved_at, argv)
         reporter.draw_plot()
@@ -274,6 +274,8 @@ def _train(
         if args.save is not None and progress is not None:
             write_output(args.save, saved_model_bytes(config, progress.state))
             print(f"trained parameters written to {args.save}")
+        if stop.signal_number is not None:
+            print(f"{signal.Signals(stop.signal_number).name}: the run had finished: nothing to resume", file=sys.stderr)
     except OutputWriteError as error:
         _report_write_failure(error, saved_at, argv, args.checkpoint_dir is not None)
         return EXIT_WRITE_FAILED

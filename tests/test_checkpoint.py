@@ -230,8 +230,9 @@ def _train_with_a_stop_already_asked(argv: list[str]) -> int:
 
 
 def test_a_stop_asked_in_the_last_call_ends_the_run_with_all_its_outputs(small_mnist_dir: Path, tmp_path: Path, capsys):
-    flags = ["--data-dir", str(small_mnist_dir), "--no-verify", "--no-compile-cache", "--lr", "0.05,0.1", "--seeds",
-             "2", "--batch-size", "32", "--checkpoint-dir", str(tmp_path / "ck"), "--save", str(tmp_path / "s.msgpack")]  # fmt: skip
+    flags = ["--data-dir", str(small_mnist_dir), "--no-verify", "--no-compile-cache", "--lr", "0.05,0.1",
+             "--seeds", "2", "--batch-size", "32", "--checkpoint-dir", str(tmp_path / "ck"),
+             "--save", str(tmp_path / "s.msgpack")]  # fmt: skip
     assert _train_with_a_stop_already_asked([*flags, "--epochs", "2"]) == 130  # epoch 1 of 2: a real stop
     assert not (tmp_path / "s.msgpack").exists()
     capsys.readouterr()

@@ -82,8 +82,7 @@ def check_outputs(args: argparse.Namespace) -> None:
 
 def describe(config: TrainConfig, num_images: int, mesh, model_name: str, num_params: int) -> str:
     """One line: the model and its size, the optimization, the data and the devices."""
-    from jaxmnist.commands.reporting import values_label
-    from jaxmnist.config import grid_rows, num_runs, swept_settings
+    from jaxmnist.config import grid_rows, num_runs, swept_settings, values_label
     from jaxmnist.parallel import padded_batch_width
 
     device = mesh.devices.flat[0]
@@ -275,7 +274,9 @@ def _train(
             write_output(args.save, saved_model_bytes(config, progress.state))
             print(f"trained parameters written to {args.save}")
         if stop.signal_number is not None:
-            print(f"{signal.Signals(stop.signal_number).name}: the run had finished: nothing to resume", file=sys.stderr)
+            print(
+                f"{signal.Signals(stop.signal_number).name}: the run had finished: nothing to resume", file=sys.stderr
+            )
     except OutputWriteError as error:
         _report_write_failure(error, saved_at, argv, args.checkpoint_dir is not None)
         return EXIT_WRITE_FAILED

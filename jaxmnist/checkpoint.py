@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from flax import serialization, traverse_util
 
-from jaxmnist.config import TrainConfig, config_from_dict, config_to_dict
+from jaxmnist.config import TrainConfig, config_from_dict, config_to_dict, value_text
 from jaxmnist.files import PathArg, remove_temporary_files, write_atomically
 from jaxmnist.loop import EpochResult, Progress
 from jaxmnist.runs import run_keys
@@ -58,7 +58,7 @@ def config_differences(saved: TrainConfig, current: TrainConfig) -> list[tuple[s
 
 def _shown(value: Any) -> str:
     """A setting's value in a message: a grid's list as ``0.01,0.03``, as its flag takes it."""
-    return ",".join(f"{item:g}" for item in value) if isinstance(value, tuple) else str(value)
+    return ",".join(map(value_text, value)) if isinstance(value, tuple) else str(value)
 
 
 def checkpoint_paths(directory: PathArg) -> list[Path]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import numbers
 from typing import Any, Literal
 
 from jaxmnist.losses import LOSSES
@@ -249,6 +250,10 @@ def check_setting(field: dataclasses.Field, value: Any) -> None:
         return
     kind, choices = field.metadata["kind"], field.metadata["choices"]
     name = f"`{field.name}`"
+    if isinstance(value, list) and field.metadata["sweepable"]:
+        raise SettingsError(f"{name} takes a number, or a tuple of numbers for a grid; got a list: {value!r}")
+    if isinstance(value, numbers.Real) and not isinstance(value, int | float):  # numpy's float32, say
+        raise SettingsError(f"{name} takes a Python number; got {type(value).__name__} {value}: use float(value)")
     if kind == "choice" and value not in choices:
         raise SettingsError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
     if kind in ("positive_int", "non_negative_int") and not (
@@ -280,6 +285,28 @@ def _check_grid_values(field: dataclasses.Field, values: tuple) -> None:
     repeated = next((value for index, value in enumerate(values) if value in values[:index]), None)
     if repeated is not None:
         raise SettingsError(f"`{field.name}` lists {repeated!r} twice")
+
+
+def value_text(value: float) -> str:
+    """A setting's value as text: short, yet telling any two values apart (labels, folder names, messages).
+
+    Example:
+        >>> value_text(0.01), value_text(1e-05), value_text(0.1000001), value_text(0.0)
+        ('0.01', '1e-05', '0.1000001', '0')
+    """
+    short = f"{value:g}"
+    return short if float(short) == value else repr(float(value))
+
+
+def values_label(values: dict[str, float]) -> str:
+    """A grid row's values as the flags that set them.
+
+    Example:
+        >>> values_label({"learning_rate": 0.01, "momentum": 0.9})
+        'lr 0.01, momentum 0.9'
+    """
+    flags = {field.name: field.metadata["flag"].removeprefix("--") for field in dataclasses.fields(TrainConfig)}
+    return ", ".join(f"{flags[name]} {value_text(value)}" for name, value in values.items())
 
 
 def swept_settings(config: TrainConfig) -> dict[str, tuple[float, ...]]:

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxmnist.config import values_label
 from jaxmnist.files import write_atomically
 
 
@@ -80,7 +81,7 @@ def plot_grid_bands(history: Sequence[Any], path: str | os.PathLike | None = Non
         members = [result for result in history if tuple(result.swept.items()) == configuration]
         train = np.array([[r.train_loss for r in members if r.epoch == epoch] for epoch in epochs])
         test = np.array([[r.test_loss for r in members if r.epoch == epoch] for epoch in epochs])
-        label = ", ".join(f"{name} {value:g}" for name, value in configuration)
+        label = values_label(dict(configuration))
         (line,) = axes.plot(epochs, train.mean(axis=1), "o-", label=f"{label} ({train.shape[1]} seeds)")
         axes.fill_between(epochs, train.min(axis=1), train.max(axis=1), alpha=0.25, color=line.get_color())
         axes.plot(epochs, test.mean(axis=1), "s--", color=line.get_color(), markersize=4)

@@ -18,7 +18,7 @@ import optax
 import pytest
 from PIL import Image
 
-from jaxmnist.checkpoint import restore_progress, save_checkpoint
+from jaxmnist.checkpoint import load_params, restore_progress, save_checkpoint
 from jaxmnist.commands import predict
 from jaxmnist.config import SettingsError, TrainConfig, grid_rows, num_runs
 from jaxmnist.data import load_mnist
@@ -158,6 +158,8 @@ def test_every_run_holds_its_own_hyperparameters_in_its_state():
         ({"momentum": (0.5, 0.9)}, "`momentum` is for optimizer 'momentum' or 'nesterov'"),
         ({"learning_rate": (0.1, 0.2), "schedule": "cosine"}, "run each rate as its own run"),
         ({"learning_rate": (0.1, 0.2), "val_split": 10, "early_stopping": 2}, "`early_stopping` stops one run"),
+        ({"learning_rate": [0.1, 0.2]}, "`learning_rate` takes a number, or a tuple of numbers for a grid; got a list"),
+        ({"learning_rate": np.float32(0.5)}, "`learning_rate` takes a Python number; got float32 0.5: use float"),
     ],
 )
 def test_bad_grids_are_refused_naming_the_setting(settings, message):
@@ -288,6 +290,8 @@ def test_the_command_prints_a_line_per_configuration_and_a_table_naming_the_best
         (["--optimizer", "sgd,adam"], "argument --optimizer: takes one value"),
         (["--lr", "0.1,0.2", "--schedule", "cosine"], "--lr lists several values; with --schedule cosine"),
         (["--lr", "0.1,0.2", "--val-split", "10", "--save-best", "b.msgpack"], "--save-best: picks one epoch"),
+        (["--lr", "0.1,"], "argument --lr: an empty item in the list '0.1,': give numbers between the commas"),
+        (["--lr", "0.1,,0.2"], "argument --lr: an empty item in the list '0.1,,0.2'"),
     ],
 )
 def test_bad_grid_flags_are_one_line_exit_2(tiny_mnist_dir: Path, capsys, flags, message):
@@ -343,6 +347,21 @@ def test_a_grid_writes_one_tensorboard_folder_per_configuration_and_one_plot_ban
         tags = {value.tag for event in _events(tmp_path / "tb" / folder) for value in event.summary.value}
         assert {"epoch/val_loss", "epoch/val_loss_min", "epoch/train_loss_max", "batch/loss"} <= tags
     assert Image.open(tmp_path / "grid.png").size[0] > 0
+
+
+def test_values_that_differ_past_six_digits_are_told_apart_in_labels_folders_and_messages(
+    tiny_mnist_dir: Path, tmp_path: Path, capsys
+):
+    pytest.importorskip("tensorboardX", reason="pip install 'jaxmnist[tensorboard]'")
+    flags = ["--epochs", "1", "--batch-size", "32", "--lr", "0.1,0.1000001", "--tensorboard", str(tmp_path / "tb"),
+             "--save", str(tmp_path / "s.msgpack")]  # fmt: skip
+    assert train_exit_code(tiny_mnist_dir, *flags) == 0
+    table = capsys.readouterr().out.split("configuration")[-1]
+    assert "lr 0.1 " in table and "lr 0.1000001 " in table
+    assert sorted(path.name for path in (tmp_path / "tb").iterdir()) == ["learning_rate=0.1", "learning_rate=0.1000001"]
+    config, params = load_params(tmp_path / "s.msgpack")
+    with pytest.raises(ValueError, match=r"`learning_rate`=0.11 is not among the grid's values \(0.1, 0.1000001\)"):
+        predict_probabilities(config, params, np.zeros((1, 28, 28), np.uint8), values={"learning_rate": 0.11})
 
 
 class _InitLooksAtValues(nn.Module):

@@ -128,6 +128,8 @@ def value_list(parse: Callable[[str], float]) -> Callable[[str], float | tuple[f
     """A flag that takes one number, or a comma list of them (a grid): each parsed by ``parse``."""
 
     def parse_list(text: str) -> float | tuple[float, ...]:
+        if "," in text and not all(part.strip() for part in text.split(",")):
+            raise argparse.ArgumentTypeError(f"an empty item in the list {text!r}: give numbers between the commas")
         values = tuple(parse(part.strip()) for part in text.split(","))
         return values if len(values) > 1 else values[0]
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from jaxmnist.checkpoint import params_file_bytes
 from jaxmnist.commands.tensorboard import TensorBoardLog
-from jaxmnist.config import TrainConfig
+from jaxmnist.config import TrainConfig, values_label
 from jaxmnist.files import reason, write_atomically
 from jaxmnist.loop import EpochResult, Progress, best_epoch
 
@@ -60,12 +60,6 @@ def band_lines(results: tuple[EpochResult, ...], config: TrainConfig) -> str:
         f"test accuracy {_band(column['test_accuracy'])}, {validation}{rate}{first.seconds:.2f} s "
         f"({first.samples_per_second:,.0f} images/s)"
     )
-
-
-def values_label(values: dict[str, float]) -> str:
-    """A grid row's values as the flags that set them, e.g. ``lr 0.01, momentum 0.9``."""
-    flags = {field.name: field.metadata["flag"].removeprefix("--") for field in dataclasses.fields(TrainConfig)}
-    return ", ".join(f"{flags[name]} {value:g}" for name, value in values.items())
 
 
 def grid_lines(results: tuple[EpochResult, ...], config: TrainConfig) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxmnist.config import TrainConfig, config_to_dict
+from jaxmnist.config import TrainConfig, config_to_dict, value_text
 from jaxmnist.loop import EpochResult, Progress, best_epoch
 
 INSTALL_HINT = "pip install 'jaxmnist[tensorboard]'"
@@ -26,7 +26,7 @@ def _hparam(value: object) -> object:
 
 def _folder_name(values: dict[str, float]) -> str:
     """A grid configuration's run folder, e.g. ``learning_rate=0.01,momentum=0.9``."""
-    return ",".join(f"{name}={value:g}" for name, value in values.items())
+    return ",".join(f"{name}={value_text(value)}" for name, value in values.items())
 
 
 class TensorBoardLog:

@@ -100,18 +100,20 @@ def _chosen_runs(
     runs: list, swept: dict[str, tuple[float, ...]], values: dict[str, float], seed: int | None
 ) -> list[int]:
     """The positions of the runs that ``values`` and ``seed`` name; ``ValueError`` saying what is missing."""
+    from jaxmnist.config import value_text
+
     unknown = sorted(set(values) - set(swept))
     if unknown:
         listed = f"lists only {', '.join(f'`{name}`' for name in swept)}" if swept else "is not a grid"
         raise ValueError(f"`{unknown[0]}`={values[unknown[0]]}: the run {listed}")
     missing = [name for name in swept if name not in values]
     if missing and len(swept[missing[0]]) > 1:
-        choices = ", ".join(f"{value:g}" for value in swept[missing[0]])
+        choices = ", ".join(map(value_text, swept[missing[0]]))
         raise ValueError(f"these parameters are of a grid: give `{missing[0]}` (one of {choices}) to pick its runs")
     for name, value in values.items():
         if value not in swept[name]:
-            choices = ", ".join(f"{option:g}" for option in swept[name])
-            raise ValueError(f"`{name}`={value:g} is not among the grid's values ({choices})")
+            choices = ", ".join(map(value_text, swept[name]))
+            raise ValueError(f"`{name}`={value_text(value)} is not among the grid's values ({choices})")
     chosen = [
         index for index, run in enumerate(runs) if all(run.values[name] == value for name, value in values.items())
     ]

@@ -207,8 +207,8 @@ def build_run(
             build_optimizer(row_config(config, row), num_train_images, per_run_hyperparameters=bool(swept))
             for row in rows
         )
-    else:
-        row_optimizers = (optimizer,)
+    else:  # one optimizer for every row (a dropout grid): its rows differ in the model alone
+        row_optimizers = (optimizer,) * len(grid_rows(config))
     return Run(
         model=source,
         optimizer=row_optimizers[0],

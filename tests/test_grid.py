@@ -47,11 +47,11 @@ def _alone(config: TrainConfig, values: dict, seed: int) -> TrainConfig:
     return dataclasses.replace(config, **values, seed=seed, seeds=1)
 
 
-def _assert_each_run_is_its_run_alone(config: TrainConfig, data, rtol: float) -> None:
-    grid = _last(config, data)
+def _assert_each_run_is_its_run_alone(config: TrainConfig, data, rtol: float, **options) -> None:
+    grid = _last(config, data, **options)
     assert len(grid.results) == num_runs(config)
     for row, result in enumerate(grid.results):
-        alone = _last(_alone(config, result.swept, result.seed), data)
+        alone = _last(_alone(config, result.swept, result.seed), data, **options)
         assert abs(result.train_loss - alone.result.train_loss) <= rtol * alone.result.train_loss
         assert abs(result.test_loss - alone.result.test_loss) <= rtol * alone.result.test_loss
         mine = jax.tree.map(lambda leaf, row=row: leaf[row], grid.state.params)
@@ -100,6 +100,14 @@ def test_each_run_of_a_dropout_decay_or_scheduled_momentum_grid_is_its_run_alone
     with jax.enable_x64(True), jax.numpy_dtype_promotion(promotion):
         config = TrainConfig(epochs=1, batch_size=32, dtype="float64", seeds=2, **settings)
         _assert_each_run_is_its_run_alone(config, small_data, rtol=1e-12)
+
+
+@pytest.mark.slow
+def test_each_run_of_a_dropout_grid_with_its_own_optimizer_is_its_run_alone_in_float64(small_data):
+    with jax.enable_x64(True), jax.numpy_dtype_promotion("standard"):  # optax's Adam: see above
+        config = TrainConfig(epochs=1, batch_size=32, dtype="float64", dropout=(0.0, 0.3), seeds=2)
+        optimizer = optax.inject_hyperparams(optax.adam)(learning_rate=1e-3)
+        _assert_each_run_is_its_run_alone(config, small_data, rtol=1e-12, optimizer=optimizer)
 
 
 @pytest.mark.slow

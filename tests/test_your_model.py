@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -324,3 +325,25 @@ def test_a_grid_of_rates_and_momenta_trains_your_model_each_run_as_its_run_alone
     output = capsys.readouterr().out
     assert "CNN from " in output and "4 runs (2 configurations: 2 lr; 2 seeds (0..1)) in one program" in output
     assert re.search(r"^best: lr (0\.01|0\.1) \(\*\), lowest mean final training loss", output, flags=re.MULTILINE)
+
+
+class _Float64BatchNorm(nn.Module):
+    """A float64 model whose BatchNorm keeps its running statistics in float32, as flax's does."""
+
+    @nn.compact
+    def __call__(self, images, train: bool = False):
+        wide = {"dtype": jnp.float64, "param_dtype": jnp.float64}
+        x = nn.Dense(16, **wide)(images.reshape((images.shape[0], -1)))
+        x = nn.BatchNorm(use_running_average=not train, **wide)(x)
+        return nn.Dense(10, **wide)(nn.relu(x))
+
+
+def test_a_float64_model_s_float32_statistics_keep_their_dtype_and_both_loops_agree(digits):
+    with jax.enable_x64(True):
+        configs = {loop: TrainConfig(epochs=1, batch_size=32, dtype="float64", loop=loop) for loop in ("scan", "step")}
+        ends = {loop: list(fit(config, *digits, model=_Float64BatchNorm()))[-1] for loop, config in configs.items()}
+    statistics = ends["scan"].state.collections["batch_stats"]
+    assert {leaf.dtype for leaf in jax.tree.leaves(statistics)} == {np.dtype(np.float32)}
+    assert float(jnp.abs(statistics["BatchNorm_0"]["mean"]).max()) > 0  # trained: moved from their start
+    chex.assert_trees_all_equal(ends["scan"].state.params, ends["step"].state.params)
+    chex.assert_trees_all_equal(statistics, ends["step"].state.collections["batch_stats"])

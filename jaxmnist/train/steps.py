@@ -171,6 +171,10 @@ def _forward(state: TrainState, params, images: jax.Array, batch: Batch, *, trai
     loss metrics)``, the logits in float32 or wider."""
     outputs, collections, sown = state.model_call(params, state.collections, images, train=train, key=key,
                                                   inputs=inputs)  # fmt: skip
+    if jax.tree.structure(collections) == jax.tree.structure(state.collections):
+        # Carried values keep their dtype: flax's BatchNorm keeps float32 statistics and updates them in
+        # the activations' dtype, float64 under --dtype float64; a step's carry must not change type.
+        collections = jax.tree.map(lambda new, old: new.astype(old.dtype), collections, state.collections)
     logits, extra = split_outputs(outputs)
     logits = metric_precision(logits)
     given = {"params": params, "batch": batch, "outputs": extra, "sown": sown}

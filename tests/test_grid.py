@@ -285,6 +285,20 @@ def test_the_command_prints_a_line_per_configuration_and_a_table_naming_the_best
     assert "error: these parameters are of a grid: give --lr (one of 0.001, 0.05)" in capsys.readouterr().err
 
 
+def test_a_scheduled_grid_s_epoch_line_shows_the_rate_its_runs_share():
+    from jaxmnist.commands.reporting import grid_lines
+    from jaxmnist.loop import EpochResult
+
+    config = TrainConfig(optimizer="momentum", momentum=(0.5, 0.9), schedule="cosine", epochs=3)
+    results = tuple(
+        EpochResult(2, 0.5, 0.8, 0.4, 0.9, 1.0, 0.0, 1e4, seed=0, learning_rate=0.0015, swept={"momentum": momentum})
+        for momentum in (0.5, 0.9)
+    )
+    assert grid_lines(results, config).splitlines()[0].startswith("epoch 2/3: 2 runs, lr 0.0015, 1.00 s")
+    constant = dataclasses.replace(config, schedule="constant")
+    assert grid_lines(results, constant).splitlines()[0].startswith("epoch 2/3: 2 runs, 1.00 s")
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [

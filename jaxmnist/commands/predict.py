@@ -20,7 +20,7 @@ from jaxmnist.commands.kit import (
     positive_int,
     report_error,
 )
-from jaxmnist.config import TrainConfig, values_label
+from jaxmnist.config import TrainConfig, value_text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     values = _grid_values(args)
     if values:
-        print(f"configuration {values_label(values)}")
+        print(f"configuration {', '.join(f'{_flags()[name]} {value_text(value)}' for name, value in values.items())}")
     if config.seeds > 1:
         seeds = f"{config.seeds} seeds ({config.seed}..{config.seed + config.seeds - 1})"
         print(f"seed {args.seed} of {seeds}" if args.seed is not None else f"ensemble: mean probability of {seeds}")

@@ -68,8 +68,10 @@ def grid_lines(results: tuple[EpochResult, ...], config: TrainConfig) -> str:
 
     first = results[0]
     compiled = f"compiled in {first.compile_seconds:.2f} s\n" if first.compile_seconds else ""
+    # A schedule's rate is the grid's own (rates are not swept with a schedule): shown once, as for one run.
+    rate = f", lr {first.learning_rate:.6g}" if config.schedule != "constant" and first.learning_rate else ""
     lines = [
-        f"{compiled}epoch {first.epoch}/{config.epochs}: {len(results)} runs, {first.seconds:.2f} s "
+        f"{compiled}epoch {first.epoch}/{config.epochs}: {len(results)} runs{rate}, {first.seconds:.2f} s "
         f"({first.samples_per_second:,.0f} images/s); mean ± std over {config.seeds} seed(s)"
     ]
     summaries = summarize(results)

@@ -322,6 +322,18 @@ def test_bad_grid_flags_are_one_line_exit_2(tiny_mnist_dir: Path, capsys, flags,
     assert error.count("\n") == 1 and message in error
 
 
+def test_runs_that_do_not_divide_over_the_devices_are_refused_before_the_header(tiny_mnist_dir: Path):
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxmnist.train", "--lr", "0.01,0.001,0.003", "--devices", "2", "--data-dir",
+         str(tiny_mnist_dir), "--no-verify", "--no-compile-cache"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr == "error: 3 runs (grid rows × --seeds) do not divide evenly over --devices 2\n"
+
+
 @pytest.mark.slow
 def test_a_checkpoint_of_another_grid_is_refused(tiny_mnist_dir: Path, tmp_path: Path, capsys):
     common = ["--epochs", "1", "--checkpoint-dir", str(tmp_path)]

@@ -218,6 +218,7 @@ def _train(
     from jaxmnist.config import check_against_data, num_runs, steps_per_epoch
     from jaxmnist.loop import fit, run_complete, start_of_run
     from jaxmnist.model import count_params
+    from jaxmnist.parallel import runs_sharded
     from jaxmnist.runs import build_run, check_images, initial_shapes
 
     if writer:
@@ -226,6 +227,8 @@ def _train(
     num_train_images = len(train_data[0])
     check_against_data(config, num_train_images)
     run = build_run(config, check_images(train_data[0], "train_data"), num_train_images)
+    if mesh.size > 1 and num_runs(config) > 1:
+        runs_sharded(mesh, num_runs(config))  # runs that do not divide over the devices: refused before the header
     # fit initializes a new run (the header needs its shapes alone); a resumed one is restored onto its initial state.
     restored = _resume(args, config, start_of_run(config, run).state) if args.resume else None
     start = restored.progress if restored else None

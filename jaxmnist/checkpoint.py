@@ -96,6 +96,7 @@ def save_checkpoint(directory: PathArg, config: TrainConfig, progress: Progress,
         "step_metrics": {name: np.asarray(values) for name, values in progress.step_metrics.items()},
         "data_key": np.asarray(jax.random.key_data(run_keys(config.seed)[1])),
         "results": json.dumps([dataclasses.asdict(result) for result in progress.history]),
+        "diverged": json.dumps(progress.diverged),
     }
     path = checkpoint_path(directory, progress.global_step)
     write_atomically(path, serialization.msgpack_serialize(jax.device_get(payload)))
@@ -174,6 +175,7 @@ def restore_progress(path: PathArg, config: TrainConfig, template: TrainState) -
             step_accuracies=np.asarray(payload["step_accuracies"]),
             step_metrics={name: np.asarray(values) for name, values in (payload.get("step_metrics") or {}).items()},
             history=tuple(EpochResult(**values) for values in json.loads(payload.get("results", "[]"))),
+            diverged={int(row): where for row, where in json.loads(payload.get("diverged", "{}")).items()},
         )
     except (KeyError, ValueError, TypeError) as error:
         raise DamagedCheckpointError(f"{path}: damaged checkpoint ({error})") from error

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from jaxmnist.config import TrainConfig, num_runs
+from jaxmnist.config import TrainConfig, num_runs, value_text
 from jaxmnist.model_source import Model, ModelSource
 from jaxmnist.normalization import normalize
 from jaxmnist.parallel import replicate, runs_sharded, shard_runs
@@ -69,6 +69,7 @@ class EpochResult:
     val_accuracy: float | None = None
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # the loss's own, epoch means
     swept: dict[str, float] = dataclasses.field(default_factory=dict)
+    diverged: str | None = None  # a grid's run that diverged (the others go on): where, e.g. "epoch 1, step 3"
 
 
 def best_epoch(history: Sequence[EpochResult]) -> EpochResult | None:
@@ -116,6 +117,7 @@ class Progress:
     results: tuple[EpochResult, ...] = ()
     history: tuple[EpochResult, ...] = ()
     step_metrics: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # the loss's own, per step
+    diverged: dict[int, str] = dataclasses.field(default_factory=dict)  # a grid's diverged runs: where
 
     @property
     def result(self) -> EpochResult | None:
@@ -138,7 +140,7 @@ class Progress:
         empty_losses, empty_accuracies = self.step_losses[..., :0], self.step_accuracies[..., :0]
         empty_metrics = {name: values[..., :0] for name, values in self.step_metrics.items()}
         return Progress(self.state, self.epoch + 1, 0, empty_losses, empty_accuracies, history=self.history,
-                        step_metrics=empty_metrics)  # fmt: skip
+                        step_metrics=empty_metrics, diverged=self.diverged)  # fmt: skip
 
 
 class DivergenceError(ArithmeticError):
@@ -147,7 +149,7 @@ class DivergenceError(ArithmeticError):
     def __init__(self, epoch: int, step: int, loss: float, seed: int | None = None, values: dict | None = None):
         run = "" if seed is None else f" of seed {seed}"
         if values:
-            run = f" of {', '.join(f'`{name}`={value}' for name, value in values.items())}, seed {seed}"
+            run = f" of {', '.join(f'`{name}`={value_text(value)}' for name, value in values.items())}, seed {seed}"
         super().__init__(
             f"training diverged: the loss{run} became {loss:.6g} at epoch {epoch}, step {step}; "
             "try a lower `learning_rate` (the lesson uses 0.003)"
@@ -168,14 +170,26 @@ def _append_steps(done: np.ndarray, new: jax.Array | np.ndarray, runs: int) -> n
     return np.concatenate([per_run(done, runs), per_run(new, runs)], axis=1).reshape(*done.shape[:-1], -1)
 
 
-def _check_divergence(losses: np.ndarray, max_loss: float, epoch: int, position: int, runs: list[GridRun]) -> None:
-    """``losses`` has one row per run; the first diverged step of the first run that diverged is named."""
-    diverged = ~(np.abs(losses) <= max_loss)  # NaN compares False: it counts as diverged
-    if diverged.any():
-        row = int(np.argmax(diverged.any(axis=1)))
-        bad = int(np.argmax(diverged[row]))
+def _note_divergence(losses: np.ndarray, max_loss: float, epoch: int, position: int, runs: list[GridRun],
+                     diverged: dict[int, str]) -> dict[int, str]:  # fmt: skip
+    """``diverged`` and the runs whose loss diverged in these steps (``losses``: one row per run).
+
+    A grid goes on without its diverged runs (the rest of a sweep is still worth having); a single run or
+    seeds alone, or a grid with no run left, stop with ``DivergenceError`` naming the first diverged step.
+    """
+    bad = ~(np.abs(losses) <= max_loss)  # NaN compares False: it counts as diverged
+    newly = [row for row in range(len(runs)) if row not in diverged and bad[row].any()]
+    if not newly:
+        return diverged
+    errors = {}
+    for row in newly:
+        step = int(np.argmax(bad[row]))
         seed = runs[row].seed if len(runs) > 1 else None
-        raise DivergenceError(epoch, position + bad + 1, float(losses[row, bad]), seed, runs[row].values)
+        errors[row] = DivergenceError(epoch, position + step + 1, float(losses[row, step]), seed, runs[row].values)
+    if not runs[0].values or len(diverged) + len(newly) == len(runs):
+        raise errors[newly[0]]
+    where = {row: f"epoch {error.epoch}, step {error.step} (loss {error.loss:.6g})" for row, error in errors.items()}
+    return {**diverged, **where}
 
 
 def _epoch_results(
@@ -211,6 +225,7 @@ def _epoch_results(
                 for name, steps in progress.step_metrics.items()
             },
             swept=dict(runs[row].values),
+            diverged=progress.diverged.get(row),
         )
         for row, seed in enumerate(seeds)
     )
@@ -311,7 +326,7 @@ def fit(
             state, metrics = programs.run(state, keys, batches, progress.position, num_steps)
             losses = per_run(metrics["loss"], len(runs))
             seconds += time.perf_counter() - started
-            _check_divergence(losses, max_loss, progress.epoch, progress.position, runs)
+            diverged = _note_divergence(losses, max_loss, progress.epoch, progress.position, runs, progress.diverged)
             accuracies = per_run(metrics["accuracy"], len(runs))
             step_losses = _append_steps(progress.step_losses, losses, len(runs))
             step_accuracies = _append_steps(progress.step_accuracies, accuracies, len(runs))
@@ -329,6 +344,7 @@ def fit(
                 step_accuracies,
                 history=progress.history,
                 step_metrics=step_metrics,
+                diverged=diverged,
             )
             if progress.position == steps_per_epoch:
                 images_trained = min((steps_per_epoch - first_position) * config.batch_size, len(images))

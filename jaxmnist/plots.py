@@ -71,14 +71,18 @@ def plot_grid_bands(history: Sequence[Any], path: str | os.PathLike | None = Non
     """A grid's training loss per epoch: for each configuration the mean over its seeds, and the
     [min, max] band shaded; test loss dashed.
 
-    ``history`` holds ``EpochResult``s (one per run per epoch, ``swept`` naming the run's values). Returns
-    the figure."""
+    ``history`` holds ``EpochResult``s (one per run per epoch, ``swept`` naming the run's values); runs that
+    diverged are left out, and a configuration with no other run with them. Returns the figure."""
     plt = _pyplot()
     epochs = sorted({result.epoch for result in history})
     configurations = list(dict.fromkeys(tuple(result.swept.items()) for result in history))
+    diverged = {(tuple(result.swept.items()), result.seed) for result in history if result.diverged}
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for configuration in configurations:
-        members = [result for result in history if tuple(result.swept.items()) == configuration]
+        members = [result for result in history if tuple(result.swept.items()) == configuration
+                   and (configuration, result.seed) not in diverged]  # fmt: skip
+        if not members:
+            continue
         train = np.array([[r.train_loss for r in members if r.epoch == epoch] for epoch in epochs])
         test = np.array([[r.test_loss for r in members if r.epoch == epoch] for epoch in epochs])
         label = values_label(dict(configuration))

@@ -33,14 +33,19 @@ class Spread:
 
 @dataclasses.dataclass(frozen=True)
 class ConfigurationSummary:
-    """One configuration of a grid at its last epoch: its values and its seeds' numbers."""
+    """One configuration of a grid at its last epoch: its values and its seeds' numbers.
+
+    The numbers are those of the seeds that did not diverge (``diverged``); None when every seed did, or,
+    for ``val_loss``, without validation.
+    """
 
     values: dict[str, float]
     seeds: tuple[int, ...]
-    train_loss: Spread
-    test_loss: Spread
-    test_accuracy: Spread
+    train_loss: Spread | None
+    test_loss: Spread | None
+    test_accuracy: Spread | None
     val_loss: Spread | None
+    diverged: tuple[int, ...] = ()
 
 
 def final_results(history: Sequence[EpochResult]) -> list[EpochResult]:
@@ -63,8 +68,8 @@ def summarize(results: Sequence[EpochResult]) -> list[ConfigurationSummary]:
         groups.setdefault(tuple(result.swept.items()), []).append(result)
 
     def spread(members: list[EpochResult], name: str) -> Spread | None:
-        values = [getattr(member, name) for member in members]
-        return None if None in values else Spread.of(values)
+        values = [getattr(member, name) for member in members if not member.diverged]
+        return None if not values or None in values else Spread.of(values)
 
     return [
         ConfigurationSummary(
@@ -74,6 +79,7 @@ def summarize(results: Sequence[EpochResult]) -> list[ConfigurationSummary]:
             test_loss=spread(members, "test_loss"),
             test_accuracy=spread(members, "test_accuracy"),
             val_loss=spread(members, "val_loss"),
+            diverged=tuple(member.seed for member in members if member.diverged),
         )
         for key, members in groups.items()
     ]
@@ -81,6 +87,15 @@ def summarize(results: Sequence[EpochResult]) -> list[ConfigurationSummary]:
 
 def best_configuration(summaries: Sequence[ConfigurationSummary]) -> tuple[ConfigurationSummary, str]:
     """The configuration with the lowest mean validation loss, or training loss without validation, and
-    which of the two chose it (``"val_loss"`` or ``"train_loss"``); the first of equals."""
-    criterion = "val_loss" if all(summary.val_loss is not None for summary in summaries) else "train_loss"
-    return min(summaries, key=lambda summary: getattr(summary, criterion).mean), criterion
+    which of the two chose it (``"val_loss"`` or ``"train_loss"``); the first of equals.
+
+    Configurations with a diverged seed are passed over while any other is left (then the mean of the
+    seeds that did not diverge decides); ``ValueError`` when every seed of every configuration diverged.
+    """
+    candidates = [summary for summary in summaries if not summary.diverged] or [
+        summary for summary in summaries if summary.train_loss is not None
+    ]
+    if not candidates:
+        raise ValueError("every run of the grid diverged: there is no best configuration")
+    criterion = "val_loss" if all(summary.val_loss is not None for summary in candidates) else "train_loss"
+    return min(candidates, key=lambda summary: getattr(summary, criterion).mean), criterion

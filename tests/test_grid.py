@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -231,9 +232,48 @@ def test_resuming_a_grid_inside_an_epoch_is_bit_exact(small_data, tmp_path: Path
 
 
 @pytest.mark.slow
-def test_divergence_names_the_values_and_seed(small_data):
-    with pytest.raises(DivergenceError, match=r"the loss of `learning_rate`=10000.0, seed \d became"):
-        list(fit(TrainConfig(epochs=1, batch_size=32, learning_rate=(0.01, 1e4)), *small_data))
+def test_a_grid_whose_every_run_diverged_stops_naming_the_values_and_seed(small_data):
+    with pytest.raises(DivergenceError, match=r"the loss of `learning_rate`=5000, seed \d became"):
+        list(fit(TrainConfig(epochs=1, batch_size=32, learning_rate=(5e3, 1e4)), *small_data))
+
+
+def test_a_grid_goes_on_without_its_diverged_runs_each_other_run_as_alone(small_data, tmp_path: Path):
+    config = TrainConfig(epochs=2, batch_size=32, learning_rate=(0.05, 1e4), seeds=2)
+    steps = []
+    for progress in fit(config, *small_data):
+        if not steps:  # saved now: the next call donates this state
+            save_checkpoint(tmp_path, config, progress)
+        steps.append(progress)
+    first, last = steps[0], steps[-1]
+    assert set(first.diverged) == {2, 3}
+    assert all(re.fullmatch(r"epoch 1, step \d+ \(loss \S+\)", where) for where in first.diverged.values())
+    assert [result.diverged is not None for result in last.results] == [False, False, True, True]
+    for result in last.results[:2]:
+        alone = _last(_alone(config, result.swept, result.seed), small_data).result
+        assert result.train_loss == pytest.approx(alone.train_loss, rel=1e-5)
+        assert result.test_loss == pytest.approx(alone.test_loss, rel=1e-5)
+    summaries = summarize(final_results(last.history))
+    assert summaries[1].diverged == (0, 1) and summaries[1].train_loss is None
+    assert best_configuration(summaries)[0].values == {"learning_rate": 0.05}
+    # Where each run diverged survives a resume.
+    restored = restore_progress(sorted(tmp_path.iterdir())[-1], config, template_state(config, len(small_data[0][0])))
+    assert restored.diverged == first.diverged
+    assert [result.diverged for result in restored.history] == [result.diverged for result in first.history]
+
+
+def test_the_command_warns_of_a_diverged_run_and_its_table_says_so(tiny_mnist_dir: Path, tmp_path: Path, capsys):
+    metrics = tmp_path / "m.jsonl"
+    flags = ["--epochs", "1", "--batch-size", "32", "--lr", "0.05,1e4", "--metrics-out", str(metrics)]
+    assert train_exit_code(tiny_mnist_dir, *flags) == 0
+    said = capsys.readouterr()
+    assert re.fullmatch(r"warning: lr 10000, seed 0 diverged at epoch 1, step \d+ \(loss \S+\); the grid's other "
+                        r"runs go on\n", said.err)  # fmt: skip
+    table = said.out[said.out.index("after 1 epoch") :].splitlines()
+    assert table[2].split()[:3] == ["lr", "0.05", "*"] and table[3].split()[2:] == ["diverged", "(seed", "0)"]
+    records = [json.loads(line, parse_constant=pytest.fail) for line in metrics.read_text().splitlines()]
+    assert [(record["diverged"] is None, record["train_loss"] is None) for record in records] == [
+        (True, False), (False, True)
+    ]  # fmt: skip
 
 
 @pytest.mark.slow

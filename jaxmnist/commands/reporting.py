@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import sys
 from functools import partial
@@ -13,9 +14,11 @@ import numpy as np
 
 from jaxmnist.checkpoint import params_file_bytes
 from jaxmnist.commands.tensorboard import TensorBoardLog
-from jaxmnist.config import TrainConfig, values_label
+from jaxmnist.config import TrainConfig, num_runs, values_label
 from jaxmnist.files import reason, write_atomically
 from jaxmnist.loop import EpochResult, Progress, best_epoch
+from jaxmnist.programs import per_run
+from jaxmnist.runs import grid_runs
 
 
 def epoch_lines(result: EpochResult, config: TrainConfig, previous: EpochResult | None) -> str:
@@ -77,12 +80,24 @@ def grid_lines(results: tuple[EpochResult, ...], config: TrainConfig) -> str:
     summaries = summarize(results)
     width = max(len(values_label(summary.values)) for summary in summaries)
     for summary in summaries:
+        label = f"  {values_label(summary.values):<{width}}  "
+        if summary.train_loss is None:
+            lines.append(f"{label}diverged ({_diverged_seeds(summary)})")
+            continue
         validation = "" if summary.val_loss is None else f", val loss {summary.val_loss}"
+        partly = f" ({_diverged_seeds(summary)} diverged)" if summary.diverged else ""
         lines.append(
-            f"  {values_label(summary.values):<{width}}  train loss {summary.train_loss}, test loss "
-            f"{summary.test_loss}, test accuracy {summary.test_accuracy}{validation}"
+            f"{label}train loss {summary.train_loss}, test loss {summary.test_loss}, test accuracy "
+            f"{summary.test_accuracy}{validation}{partly}"
         )
     return "\n".join(lines)
+
+
+def _diverged_seeds(summary) -> str:
+    """Which of a configuration's seeds diverged, e.g. ``every seed`` or ``1 of 4 seeds: 2``."""
+    if len(summary.diverged) == len(summary.seeds):
+        return "every seed" if len(summary.seeds) > 1 else f"seed {summary.seeds[0]}"
+    return f"{len(summary.diverged)} of {len(summary.seeds)} seeds: {', '.join(map(str, summary.diverged))}"
 
 
 def grid_table(history: tuple[EpochResult, ...], config: TrainConfig) -> str:
@@ -99,6 +114,10 @@ def grid_table(history: tuple[EpochResult, ...], config: TrainConfig) -> str:
     for label, summary in zip(labels, summaries, strict=True):
         cells = [summary.train_loss, summary.test_accuracy] + ([summary.val_loss] if criterion == "val_loss" else [])
         marker = "*" if summary is best else " "
+        if summary.train_loss is None:
+            cells = [f"diverged ({_diverged_seeds(summary)})"]
+        elif summary.diverged:
+            cells.append(f"({_diverged_seeds(summary)} diverged: left out)")
         rows.append(f"  {label:<{width}}  {marker} " + "".join(f"{cell!s:<19}" for cell in cells).rstrip())
     epoch = history[-1].epoch
     chosen = (
@@ -119,10 +138,12 @@ def saved_model_bytes(config: TrainConfig, state) -> bytes:
 
 
 def metrics_record(result: EpochResult) -> dict:
-    """One ``--metrics-out`` record: the result's fields, a grid run's values among them (``"momentum": 0.9``)."""
+    """One ``--metrics-out`` record: the result's fields, a grid run's values among them (``"momentum": 0.9``);
+    a diverged run's NaN or infinite numbers as null, which JSON can hold."""
     record = dataclasses.asdict(result)
     record.update(record.pop("swept"))
-    return record
+    return {name: None if isinstance(value, float) and not math.isfinite(value) else value
+            for name, value in record.items()}  # fmt: skip
 
 
 class OutputWriteError(OSError):
@@ -167,6 +188,7 @@ class Reporter:
         self.metrics_out, self.plot, self.save_best, self.tensorboard = metrics_out, plot, save_best, tensorboard
         self.history: tuple[EpochResult, ...] = () if start is None else start.history
         self._epoch, self._position = (1, 0) if start is None else (start.epoch, start.position)
+        self._diverged: dict[int, str] = {} if start is None else dict(start.diverged)
         self.bar = tqdm(
             total=config.epochs * steps_per_epoch,
             initial=self._steps_done(start),
@@ -182,7 +204,13 @@ class Reporter:
 
     def update(self, progress: Progress) -> None:
         self.bar.update(self._steps_done(progress) - self.bar.n)
-        self.bar.set_postfix(epoch=progress.epoch, loss=f"{float(np.mean(progress.step_losses[..., -1])):.4f}")
+        going = np.delete(per_run(progress.step_losses, num_runs(self.config))[:, -1], list(progress.diverged))
+        self.bar.set_postfix(epoch=progress.epoch, loss=f"{float(np.mean(going)):.4f}")
+        runs = grid_runs(self.config)
+        for row in sorted(set(progress.diverged) - set(self._diverged)):
+            self.bar.write(f"warning: {values_label(runs[row].values)}, seed {runs[row].seed} diverged at "
+                           f"{progress.diverged[row]}; the grid's other runs go on", file=sys.stderr)  # fmt: skip
+        self._diverged = dict(progress.diverged)
         if self.tensorboard is not None:
             self.tensorboard.steps(progress, self._position if progress.epoch == self._epoch else 0)
         self._epoch, self._position = progress.epoch, progress.position

@@ -17,18 +17,19 @@ from jaxmnist.loop import EpochResult
 
 @dataclasses.dataclass(frozen=True)
 class Spread:
-    """Mean and standard deviation (``ddof=0``) of one number over a configuration's seeds."""
+    """Mean and standard deviation (``ddof=0``) of one number over a configuration's ``count`` seeds."""
 
     mean: float
     std: float
+    count: int = 1
 
     @classmethod
     def of(cls, values: Sequence[float]) -> Spread:
         array = np.asarray(values, np.float64)
-        return cls(float(array.mean()), float(array.std()))
+        return cls(float(array.mean()), float(array.std()), len(array))
 
     def __str__(self) -> str:
-        return f"{self.mean:.4f} ± {self.std:.4f}"
+        return f"{self.mean:.4f} ± {self.std:.4f}" if self.count > 1 else f"{self.mean:.4f}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,10 +93,17 @@ def best_configuration(summaries: Sequence[ConfigurationSummary]) -> tuple[Confi
     Configurations with a diverged seed are passed over while any other is left (then the mean of the
     seeds that did not diverge decides); ``ValueError`` when every seed of every configuration diverged.
     """
+    ranked, criterion = rank_configurations(summaries)
+    if not ranked:
+        raise ValueError("every run of the grid diverged: there is no best configuration")
+    return ranked[0], criterion
+
+
+def rank_configurations(summaries: Sequence[ConfigurationSummary]) -> tuple[list[ConfigurationSummary], str]:
+    """The configurations that can be chosen, best first (as ``best_configuration`` chooses), and the loss
+    that ranks them."""
     candidates = [summary for summary in summaries if not summary.diverged] or [
         summary for summary in summaries if summary.train_loss is not None
     ]
-    if not candidates:
-        raise ValueError("every run of the grid diverged: there is no best configuration")
     criterion = "val_loss" if all(summary.val_loss is not None for summary in candidates) else "train_loss"
-    return min(candidates, key=lambda summary: getattr(summary, criterion).mean), criterion
+    return sorted(candidates, key=lambda summary: getattr(summary, criterion).mean), criterion

@@ -362,6 +362,23 @@ def test_bad_grid_flags_are_one_line_exit_2(tiny_mnist_dir: Path, capsys, flags,
     assert error.count("\n") == 1 and message in error
 
 
+def test_a_large_grid_shows_its_best_few_each_epoch_and_one_seed_no_spread():
+    from jaxmnist.commands.reporting import grid_lines
+    from jaxmnist.loop import EpochResult
+
+    rates = tuple(round(0.001 * (index + 1), 3) for index in range(10))
+    config = TrainConfig(learning_rate=rates, epochs=1)
+    results = tuple(
+        EpochResult(1, 1.0 / rate, 0.8, 0.4, 0.9, 1.0, 0.0, 1e4, swept={"learning_rate": rate}) for rate in rates
+    )
+    lines = grid_lines(results, config).splitlines()
+    assert lines[0].endswith("; seed 0")
+    assert [line.split()[:2] for line in lines[1:4]] == [["lr", "0.01"], ["lr", "0.009"], ["lr", "0.008"]]
+    assert "±" not in "".join(lines[1:4])
+    assert lines[4].startswith("  ... and 7 more configurations (the best 3 by mean train loss shown")
+    assert len(lines) == 5
+
+
 def test_runs_that_do_not_divide_over_the_devices_are_refused_before_the_header(tiny_mnist_dir: Path):
     result = subprocess.run(
         [sys.executable, "-m", "jaxmnist.train", "--lr", "0.01,0.001,0.003", "--devices", "2", "--data-dir",

@@ -65,9 +65,19 @@ def band_lines(results: tuple[EpochResult, ...], config: TrainConfig) -> str:
     )
 
 
+# A grid of more configurations than this shows its best few each epoch; the table at the end lists all.
+GRID_LINES_PER_EPOCH = 8
+GRID_BEST_SHOWN = 3
+
+
+def _over_seeds(config: TrainConfig) -> str:
+    return f"mean ± std over {config.seeds} seeds" if config.seeds > 1 else f"seed {config.seed}"
+
+
 def grid_lines(results: tuple[EpochResult, ...], config: TrainConfig) -> str:
-    """The epoch of a grid: one line per configuration, each number the mean ± std over its seeds."""
-    from jaxmnist.sweeps import summarize
+    """The epoch of a grid: one line per configuration, each number the mean ± std over its seeds; for a
+    large grid, its best few and how many more there are."""
+    from jaxmnist.sweeps import rank_configurations, summarize
 
     first = results[0]
     compiled = f"compiled in {first.compile_seconds:.2f} s\n" if first.compile_seconds else ""
@@ -75,9 +85,16 @@ def grid_lines(results: tuple[EpochResult, ...], config: TrainConfig) -> str:
     rate = f", lr {first.learning_rate:.6g}" if config.schedule != "constant" and first.learning_rate else ""
     lines = [
         f"{compiled}epoch {first.epoch}/{config.epochs}: {len(results)} runs{rate}, {first.seconds:.2f} s "
-        f"({first.samples_per_second:,.0f} images/s); mean ± std over {config.seeds} seed(s)"
+        f"({first.samples_per_second:,.0f} images/s); {_over_seeds(config)}"
     ]
     summaries = summarize(results)
+    more = ""
+    if len(summaries) > GRID_LINES_PER_EPOCH:
+        ranked, criterion = rank_configurations(summaries)
+        loss = criterion.replace("_", " ")
+        more = (f"  ... and {len(summaries) - len(ranked[:GRID_BEST_SHOWN])} more configurations (the best "
+                f"{GRID_BEST_SHOWN} by mean {loss} shown; every one in the table at the end)")  # fmt: skip
+        summaries = ranked[:GRID_BEST_SHOWN]
     width = max(len(values_label(summary.values)) for summary in summaries)
     for summary in summaries:
         label = f"  {values_label(summary.values):<{width}}  "
@@ -90,7 +107,7 @@ def grid_lines(results: tuple[EpochResult, ...], config: TrainConfig) -> str:
             f"{label}train loss {summary.train_loss}, test loss {summary.test_loss}, test accuracy "
             f"{summary.test_accuracy}{validation}{partly}"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + ([more] if more else []))
 
 
 def _diverged_seeds(summary) -> str:
@@ -126,7 +143,7 @@ def grid_table(history: tuple[EpochResult, ...], config: TrainConfig) -> str:
         else "lowest mean final training loss (no validation set: --val-split N chooses on held-out images)"
     )
     return (
-        f"after {epoch} epoch{'s' if epoch != 1 else ''}, mean ± std over {config.seeds} seed(s):\n"
+        f"after {epoch} epoch{'s' if epoch != 1 else ''}, {_over_seeds(config)}:\n"
         + "\n".join(rows)
         + f"\nbest: {values_label(best.values)} (*), {chosen}"
     )

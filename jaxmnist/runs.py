@@ -30,8 +30,9 @@ from jaxmnist.config import (
 )
 from jaxmnist.model_source import Model, ModelSource, from_object, load_model
 from jaxmnist.recipe import build_model, build_optimizer
-from jaxmnist.train import ModelCallError, TrainState, create_train_state
+from jaxmnist.train import ModelCallError, TrainState, create_train_state, param_dtype
 from jaxmnist.train.state import LossFn
+from jaxmnist.train.steps import saved_for_backward
 
 # What tracing raises for a model whose initialization needs concrete values: such a model is initialized
 # eagerly, one run at a time.
@@ -329,16 +330,24 @@ def estimated_bytes(config: TrainConfig, state: TrainState, num_train_images: in
     """About how much memory the compiled epoch of ``num_runs(config)`` runs like ``state`` (one run's, or its
     shapes) needs.
 
-    Per run: the state twice (the donated one and the updated one), its gradients, a batch of images in
-    the model's dtype with as much again for activations, and the epoch's per-step metrics; a rough
-    figure, meant to refuse what cannot fit, before anything is compiled.
+    Per run: the state twice (the donated one and the updated one), the values a training step keeps
+    from its forward pass for its backward pass and its gradients (traced on shapes, not compiled), and
+    the epoch's per-step metrics. A figure meant to refuse what cannot fit, before anything is compiled.
     """
     state_bytes = _bytes((state.params, state.opt_state, state.collections))
-    param_bytes = _bytes(state.params)
-    itemsize = jax.tree.leaves(state.params)[0].dtype.itemsize
-    batch_bytes = 2 * config.batch_size * int(np.prod(state.image_shape)) * itemsize
     metric_bytes = 4 * 8 * (num_train_images - config.val_split) // config.batch_size + 64
-    return num_runs(config) * (2 * state_bytes + param_bytes + batch_bytes + metric_bytes)
+    return num_runs(config) * (2 * state_bytes + _step_bytes(config, state) + metric_bytes)
+
+
+def _step_bytes(config: TrainConfig, state: TrainState) -> int:
+    """What one training step of one run like ``state`` holds at its peak, on shapes alone: the values its
+    forward pass keeps for the backward pass (a convolution's activations, say) and the gradients."""
+    batch = {
+        "image": jax.ShapeDtypeStruct((config.batch_size, *state.image_shape), param_dtype(state)),
+        "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32),
+        "mask": jax.ShapeDtypeStruct((config.batch_size,), jnp.bool_),
+    }
+    return _bytes(jax.eval_shape(saved_for_backward, state, batch)) + _bytes(state.params)
 
 
 def _bytes(tree) -> int:

@@ -203,6 +203,30 @@ def test_the_memory_estimate_grows_with_the_runs_and_covers_the_state():
     assert 16 * 3 * state_bytes < estimate < 16 * 20 * state_bytes
 
 
+class _ConvNet(nn.Module):
+    """Convolutions whose activations dwarf their parameters: what the memory estimate must see."""
+
+    @nn.compact
+    def __call__(self, images, train: bool = False):
+        x = nn.Conv(32, (3, 3))(images.reshape((images.shape[0], 28, 28, 1)))
+        x = nn.relu(nn.BatchNorm(use_running_average=not train)(x))
+        x = nn.relu(nn.Conv(64, (3, 3))(x))
+        return nn.Dense(10)(x.reshape((x.shape[0], -1)))
+
+
+@pytest.mark.parametrize("batch_size", [64, 256])
+def test_the_memory_estimate_of_a_step_is_near_xla_s_own_for_a_convolutional_model(batch_size):
+    from jaxmnist.runs import _step_bytes
+    from jaxmnist.train import train_step
+
+    config = TrainConfig(batch_size=batch_size)
+    state = initial_state(config, build_run(config, (28, 28), 60_000, model=_ConvNet()))
+    batch = {"image": jnp.zeros((batch_size, 28, 28)), "label": jnp.zeros(batch_size, jnp.int32),
+             "mask": jnp.ones(batch_size, bool)}  # fmt: skip
+    compiled = jax.jit(train_step).lower(state, batch).compile().memory_analysis().temp_size_in_bytes
+    assert 0.8 * compiled < _step_bytes(config, state) < 1.5 * compiled
+
+
 @pytest.mark.slow
 def test_the_summary_picks_the_best_configuration_on_validation_loss_when_there_is_one(small_data):
     config = TrainConfig(epochs=2, batch_size=32, learning_rate=(0.001, 0.1), seeds=2, val_split=64)

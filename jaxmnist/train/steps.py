@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -183,6 +184,18 @@ def _forward(state: TrainState, params, images: jax.Array, batch: Batch, *, trai
     )
     loss, loss_metrics = _loss_and_metrics(result)
     return loss, logits, collections, loss_metrics
+
+
+def saved_for_backward(state: TrainState, batch: Batch) -> Any:
+    """The values a training step's forward pass keeps for its backward pass (layers' activations among
+    them): the leaves of its ``jax.vjp`` function. Meant for ``jax.eval_shape``, to size a step's memory."""
+    images = _check_batch(batch, state.image_shape)
+    inputs, key = _model_inputs(state, batch), state.step_key()
+
+    def loss(params):
+        return _forward(state, params, images, batch, train=True, key=key, inputs=inputs)[0]
+
+    return jax.vjp(loss, state.params)[1]
 
 
 def num_batches(num_examples: int, batch_size: int) -> int:

@@ -347,7 +347,10 @@ def _step_bytes(config: TrainConfig, state: TrainState) -> int:
         "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32),
         "mask": jax.ShapeDtypeStruct((config.batch_size,), jnp.bool_),
     }
-    return _bytes(jax.eval_shape(saved_for_backward, state, batch)) + _bytes(state.params)
+    try:
+        return _bytes(jax.eval_shape(saved_for_backward, state, batch)) + _bytes(state.params)
+    except _NEEDS_VALUES:  # a step that cannot be traced cannot be compiled either: its own error says why
+        return _bytes(state.params)
 
 
 def _bytes(tree) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -218,20 +219,27 @@ class SavedModel:
         params: the parameters, nested dicts of arrays (a leading seed axis when ``config.seeds`` > 1).
         collections: the carried collections, e.g. BatchNorm's ``batch_stats`` (same layout).
         image_shape: the shape of one input image the model was trained on.
+        diverged: the runs of a grid that diverged in training (positions along the leading axis).
     """
 
     config: TrainConfig
     params: Any
     collections: Any
     image_shape: tuple[int, ...]
+    diverged: tuple[int, ...] = ()
 
 
 def params_file_bytes(
-    config: TrainConfig, params: Any, collections: Any = None, image_shape: tuple[int, ...] = (28, 28)
+    config: TrainConfig,
+    params: Any,
+    collections: Any = None,
+    image_shape: tuple[int, ...] = (28, 28),
+    diverged: Sequence[int] = (),
 ) -> bytes:
     """The content of a parameters file for ``jaxmnist.predict``: msgpack (``flax.serialization``) of
     ``{"format": "jaxmnist-params", "version": 2, "config": <TrainConfig as JSON>, "params": ...,
-    "collections": ..., "image_shape": [...]}``."""
+    "collections": ..., "image_shape": [...], "diverged": [...]}`` (``diverged``: a grid's runs that
+    diverged, which predictions leave out)."""
     payload = {
         "format": PARAMS_FORMAT,
         "version": PARAMS_VERSION,
@@ -239,6 +247,7 @@ def params_file_bytes(
         "params": params,
         "collections": collections or {},
         "image_shape": list(image_shape),
+        "diverged": json.dumps(sorted(diverged)),
     }
     return serialization.msgpack_serialize(jax.device_get(payload))
 
@@ -268,6 +277,7 @@ def load_saved_model(path: PathArg) -> SavedModel:
             params=payload["params"],
             collections=payload.get("collections") or {},
             image_shape=tuple(int(size) for size in payload.get("image_shape", (28, 28))),
+            diverged=tuple(json.loads(payload.get("diverged", "[]"))),
         )
     except OSError as error:
         raise CheckpointError(f"{path}: cannot read ({error.strerror or error})") from error

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import numbers
 from typing import Any, Literal
 
 from jaxmnist.losses import LOSSES
@@ -252,8 +251,9 @@ def check_setting(field: dataclasses.Field, value: Any) -> None:
     name = f"`{field.name}`"
     if isinstance(value, list) and field.metadata["sweepable"]:
         raise SettingsError(f"{name} takes a number, or a tuple of numbers for a grid; got a list: {value!r}")
-    if isinstance(value, numbers.Real) and not isinstance(value, int | float):  # numpy's float32, say
-        raise SettingsError(f"{name} takes a Python number; got {type(value).__name__} {value}: use float(value)")
+    if hasattr(value, "dtype") and getattr(value, "shape", None) == ():  # numpy's float32 or a JAX scalar, say
+        convert = "int" if value.dtype.kind in "iu" else "float"
+        raise SettingsError(f"{name} takes a Python number; got {value.dtype} {value}: use {convert}(value)")
     if kind == "choice" and value not in choices:
         raise SettingsError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
     if kind in ("positive_int", "non_negative_int") and not (

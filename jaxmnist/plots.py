@@ -86,7 +86,12 @@ def plot_grid_bands(history: Sequence[Any], path: str | os.PathLike | None = Non
         train = np.array([[r.train_loss for r in members if r.epoch == epoch] for epoch in epochs])
         test = np.array([[r.test_loss for r in members if r.epoch == epoch] for epoch in epochs])
         label = values_label(dict(configuration))
-        (line,) = axes.plot(epochs, train.mean(axis=1), "o-", label=f"{label} ({train.shape[1]} seeds)")
+        (line,) = axes.plot(
+            epochs,
+            train.mean(axis=1),
+            "o-",
+            label=f"{label} ({train.shape[1]} seed{'s' if train.shape[1] > 1 else ''})",
+        )
         axes.fill_between(epochs, train.min(axis=1), train.max(axis=1), alpha=0.25, color=line.get_color())
         axes.plot(epochs, test.mean(axis=1), "s--", color=line.get_color(), markersize=4)
     axes.set_yscale("log")

@@ -359,10 +359,15 @@ def _bytes(tree) -> int:
 
 
 def available_bytes() -> int | None:
-    """Memory free for the program: the default device's free memory, else the host's; None when unknown."""
+    """Memory free for the program: the default device's free memory, else the host's available memory
+    (free pages and the caches the system gives back); None when unknown."""
     stats = jax.devices()[0].memory_stats() or {}
     if "bytes_limit" in stats:
         return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):  # not every system reports it

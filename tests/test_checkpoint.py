@@ -263,6 +263,33 @@ def test_resuming_a_finished_run_writes_the_outputs_it_missed(small_mnist_dir: P
     chex.assert_trees_all_equal(saved["params"], newest["state"]["params"])
 
 
+@pytest.mark.parametrize("epochs", [1, 2])  # the best epoch is the last one, or may be the first of two
+def test_resuming_a_finished_run_names_a_save_best_file_only_when_it_is_written(
+    small_mnist_dir: Path, tmp_path: Path, capsys, epochs
+):
+    flags = [
+        "--batch-size",
+        "32",
+        "--epochs",
+        str(epochs),
+        "--val-split",
+        "300",
+        "--checkpoint-dir",
+        str(tmp_path / "ck"),
+    ]
+    assert train_exit_code(small_mnist_dir, *flags) == 0
+    capsys.readouterr()
+    best = tmp_path / "best.msgpack"
+    assert train_exit_code(small_mnist_dir, *flags, "--resume", "--save-best", str(best)) == 0
+    said = capsys.readouterr().out
+    assert (f"its parameters are in {best}" in said) == best.exists()
+    assert best.exists() or f"{best} not written: the checkpoint holds the last epoch's parameters alone" in said
+    if epochs == 1:
+        saved = serialization.msgpack_restore(best.read_bytes())
+        newest = serialization.msgpack_restore(checkpoint_paths(tmp_path / "ck")[-1].read_bytes())
+        chex.assert_trees_all_equal(saved["params"], newest["state"]["params"])
+
+
 def test_cli_divergence_is_one_line_and_keeps_the_last_finite_checkpoint(small_mnist_dir: Path, tmp_path: Path, capsys):
     code = main(
         [

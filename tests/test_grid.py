@@ -169,6 +169,8 @@ def test_every_run_holds_its_own_hyperparameters_in_its_state():
         ({"learning_rate": (0.1, 0.2), "val_split": 10, "early_stopping": 2}, "`early_stopping` stops one run"),
         ({"learning_rate": [0.1, 0.2]}, "`learning_rate` takes a number, or a tuple of numbers for a grid; got a list"),
         ({"learning_rate": np.float32(0.5)}, "`learning_rate` takes a Python number; got float32 0.5: use float"),
+        ({"epochs": np.int64(2)}, "`epochs` takes a Python number; got int64 2: use int(value)"),
+        ({"learning_rate": jnp.float32(0.5)}, "`learning_rate` takes a Python number; got float32 0.5: use float"),
     ],
 )
 def test_bad_grids_are_refused_naming_the_setting(settings, message):
@@ -286,8 +288,12 @@ def test_a_grid_goes_on_without_its_diverged_runs_each_other_run_as_alone(small_
 
 
 def test_the_command_warns_of_a_diverged_run_and_its_table_says_so(tiny_mnist_dir: Path, tmp_path: Path, capsys):
-    metrics = tmp_path / "m.jsonl"
-    flags = ["--epochs", "1", "--batch-size", "32", "--lr", "0.05,1e4", "--metrics-out", str(metrics)]
+    pytest.importorskip("tensorboardX", reason="pip install 'jaxmnist[tensorboard]'")
+    from test_training_tool import _events
+
+    metrics, params = tmp_path / "m.jsonl", tmp_path / "p.msgpack"
+    flags = ["--epochs", "1", "--batch-size", "32", "--lr", "0.05,1e4", "--metrics-out", str(metrics),
+             "--tensorboard", str(tmp_path / "tb"), "--save", str(params)]  # fmt: skip
     assert train_exit_code(tiny_mnist_dir, *flags) == 0
     said = capsys.readouterr()
     assert re.fullmatch(r"warning: lr 10000, seed 0 diverged at epoch 1, step \d+ \(loss \S+\); the grid's other "
@@ -298,6 +304,33 @@ def test_the_command_warns_of_a_diverged_run_and_its_table_says_so(tiny_mnist_di
     assert [(record["diverged"] is None, record["train_loss"] is None) for record in records] == [
         (True, False), (False, True)
     ]  # fmt: skip
+    # TensorBoard and predict leave the diverged run out, as the table does.
+    diverged_tags = {value.tag for event in _events(tmp_path / "tb" / "learning_rate=10000")
+                     for value in event.summary.value}  # fmt: skip
+    assert not any(tag.startswith(("epoch/", "hparam/")) for tag in diverged_tags)
+    Image.fromarray(make_digits(1, seed=5)[0][0]).save(tmp_path / "digit.png")
+    assert predict.main(["--params", str(params), "--lr", "1e4", str(tmp_path / "digit.png")]) == 2
+    assert "error: the runs chosen diverged in training" in capsys.readouterr().err
+    assert predict.main(["--params", str(params), "--lr", "0.05", str(tmp_path / "digit.png")]) == 0
+
+
+def test_a_configuration_s_diverged_seeds_are_named_and_left_out_of_its_numbers():
+    from jaxmnist.commands.reporting import grid_lines, grid_table
+    from jaxmnist.loop import EpochResult
+
+    config = TrainConfig(learning_rate=(0.01, 0.1), seeds=3, epochs=1)
+    where, rows = "epoch 1, step 2 (loss 2e+03)", ((0.01, (1.0, 2.0, 3.0)), (0.1, (500.0, 0.5, 800.0)))
+    results = tuple(
+        EpochResult(1, loss, 0.8, 0.4, 0.9, 1.0, 0.0, 1e4, seed=seed, swept={"learning_rate": rate},
+                    diverged=where if loss > 100 else None)
+        for rate, losses in rows
+        for seed, loss in enumerate(losses)
+    )  # fmt: skip
+    lines = grid_lines(results, config).splitlines()
+    assert lines[2].split()[:5] == ["lr", "0.1", "train", "loss", "0.5000,"]  # the seed that did not diverge
+    assert lines[2].endswith("(seeds 0, 2 of 3 diverged)")
+    table = grid_table(results, config).splitlines()
+    assert table[2].split()[2] == "*" and table[3].endswith("(seeds 0, 2 of 3 diverged: left out)")
 
 
 @pytest.mark.slow

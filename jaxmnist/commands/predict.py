@@ -68,6 +68,15 @@ def _grid_values(args: argparse.Namespace) -> dict[str, float]:
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
+def _diverged_seeds(config: TrainConfig, diverged: Sequence[int], values: dict[str, float]) -> list[int]:
+    """The seeds of the configuration ``values`` names that diverged in training."""
+    from jaxmnist.runs import grid_runs
+
+    runs = grid_runs(config)
+    return [runs[index].seed for index in diverged if all(runs[index].values[name] == value
+                                                          for name, value in values.items())]  # fmt: skip
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from jaxmnist.checkpoint import CheckpointError, load_saved_model
@@ -84,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_jax(config.dtype == "float64", compile_cache=False)
     try:
         probabilities = predict_probabilities(
-            config, saved.params, images, args.seed, saved.collections, _grid_values(args)
+            config, saved.params, images, args.seed, saved.collections, _grid_values(args), saved.diverged
         )
     except ModelSpecError as error:  # the model file moved, or builds other parameters now
         print(f"error: {args.params}: {in_flag_terms(str(error), {'model': 'the recorded model'})}", file=sys.stderr)
@@ -98,6 +107,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if config.seeds > 1:
         seeds = f"{config.seeds} seeds ({config.seed}..{config.seed + config.seeds - 1})"
         print(f"seed {args.seed} of {seeds}" if args.seed is not None else f"ensemble: mean probability of {seeds}")
+        left_out = _diverged_seeds(config, saved.diverged, values)
+        if left_out and args.seed is None:
+            seeds_left_out = f"seed{'s' if len(left_out) > 1 else ''} {', '.join(map(str, left_out))}"
+            print(f"left out: {seeds_left_out}, diverged in training")
     for path, row in zip(args.images, probabilities):
         best = np.argsort(row)[::-1][: min(args.top, len(row))]
         print(f"{path}: " + ", ".join(f"{digit} ({row[digit]:.3f})" for digit in best))

@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 import sys
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
@@ -92,9 +93,10 @@ def grid_lines(results: tuple[EpochResult, ...], config: TrainConfig) -> str:
     if len(summaries) > GRID_LINES_PER_EPOCH:
         ranked, criterion = rank_configurations(summaries)
         loss = criterion.replace("_", " ")
-        more = (f"  ... and {len(summaries) - len(ranked[:GRID_BEST_SHOWN])} more configurations (the best "
-                f"{GRID_BEST_SHOWN} by mean {loss} shown; every one in the table at the end)")  # fmt: skip
-        summaries = ranked[:GRID_BEST_SHOWN]
+        shown = ranked[:GRID_BEST_SHOWN]
+        more = (f"  ... and {len(summaries) - len(shown)} more configurations (the best {len(shown)} by mean "
+                f"{loss} shown; every one in the table at the end)")  # fmt: skip
+        summaries = shown
     width = max(len(values_label(summary.values)) for summary in summaries)
     for summary in summaries:
         label = f"  {values_label(summary.values):<{width}}  "
@@ -111,10 +113,11 @@ def grid_lines(results: tuple[EpochResult, ...], config: TrainConfig) -> str:
 
 
 def _diverged_seeds(summary) -> str:
-    """Which of a configuration's seeds diverged, e.g. ``every seed`` or ``1 of 4 seeds: 2``."""
+    """Which of a configuration's seeds diverged, e.g. ``every seed`` or ``seeds 0, 3 of 4``."""
     if len(summary.diverged) == len(summary.seeds):
         return "every seed" if len(summary.seeds) > 1 else f"seed {summary.seeds[0]}"
-    return f"{len(summary.diverged)} of {len(summary.seeds)} seeds: {', '.join(map(str, summary.diverged))}"
+    which = ", ".join(map(str, summary.diverged))
+    return f"seed{'s' if len(summary.diverged) > 1 else ''} {which} of {len(summary.seeds)}"
 
 
 def grid_table(history: tuple[EpochResult, ...], config: TrainConfig) -> str:
@@ -149,9 +152,10 @@ def grid_table(history: tuple[EpochResult, ...], config: TrainConfig) -> str:
     )
 
 
-def saved_model_bytes(config: TrainConfig, state) -> bytes:
-    """A parameters file of ``state``'s model: parameters, carried collections and input shape."""
-    return params_file_bytes(config, state.params, state.collections, state.image_shape)
+def saved_model_bytes(config: TrainConfig, state, diverged: Sequence[int] = ()) -> bytes:
+    """A parameters file of ``state``'s model: parameters, carried collections, input shape, and which of a
+    grid's runs diverged."""
+    return params_file_bytes(config, state.params, state.collections, state.image_shape, diverged)
 
 
 def metrics_record(result: EpochResult) -> dict:

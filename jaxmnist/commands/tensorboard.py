@@ -60,16 +60,25 @@ class TensorBoardLog:
                     writer.add_scalar("batch/loss", float(np.mean(losses[members, position])), before + position + 1)
 
     def epoch(self, results: tuple[EpochResult, ...]) -> None:
-        """The epoch's scalars; with several seeds their mean, and ``_min``/``_max`` beside it."""
+        """The epoch's scalars; with several seeds their mean, and ``_min``/``_max`` beside it. A grid's
+        diverged runs are left out, as in its table; a configuration with none left writes nothing."""
         for writer, members, _ in self.groups:
-            _epoch_scalars(writer, [results[member] for member in members])
+            going = [results[member] for member in members if not results[member].diverged]
+            if going:
+                _epoch_scalars(writer, going)
 
     def close(self, history: tuple[EpochResult, ...]) -> None:
         for writer, _, values in self.groups:
             own = [result for result in history if result.swept == values]
-            if own:
-                _hparams(writer, self.config, values, own)
+            going = [result for result in own if not _diverged_by(result, history)]
+            if going:
+                _hparams(writer, self.config, values, going)
             writer.close()
+
+
+def _diverged_by(result: EpochResult, history: tuple[EpochResult, ...]) -> bool:
+    """Whether ``result``'s run has diverged by the end of ``history``: its final numbers are left out."""
+    return any(other.diverged for other in history if other.seed == result.seed and other.swept == result.swept)
 
 
 def _epoch_scalars(writer, results: list[EpochResult]) -> None:

@@ -82,7 +82,7 @@ def check_outputs(args: argparse.Namespace) -> None:
 
 def describe(config: TrainConfig, num_images: int, mesh, model_name: str, num_params: int) -> str:
     """One line: the model and its size, the optimization, the data and the devices."""
-    from jaxmnist.config import grid_rows, num_runs, swept_settings, values_label
+    from jaxmnist.config import grid_rows, num_runs, swept_settings, value_text, values_label
     from jaxmnist.parallel import padded_batch_width
 
     device = mesh.devices.flat[0]
@@ -113,7 +113,7 @@ def describe(config: TrainConfig, num_images: int, mesh, model_name: str, num_pa
         )
     elif config.seeds > 1:
         where += f", {seeds} in one program"
-    rate = "swept" if "learning_rate" in swept else config.learning_rate
+    rate = "swept" if "learning_rate" in swept else value_text(config.learning_rate)
     return (
         f"{model}, {num_params:,} parameters, {config.loss} loss, "
         f"{OPTIMIZER_NAMES[config.optimizer]} lr {rate}{schedule}, batch {config.batch_size}, "
@@ -206,7 +206,10 @@ def _say_how_it_ended(config: TrainConfig, history, args: argparse.Namespace) ->
         return
     if early_stop_due(history, config.early_stopping):
         print(f"early stopping: the validation loss has not improved for {config.early_stopping} epochs")
-    saved = f"; its parameters are in {args.save_best}" if args.save_best is not None else ""
+    saved = ""
+    if args.save_best is not None:
+        saved = (f"; its parameters are in {args.save_best}" if args.save_best.exists() else
+                 f"; {args.save_best} not written: the checkpoint holds the last epoch's parameters alone")  # fmt: skip
     print(f"best epoch {best.epoch}: val loss {best.val_loss:.4f}, val accuracy {best.val_accuracy:.4f}{saved}")
 
 
@@ -216,7 +219,7 @@ def _train(
     from jaxmnist.checkpoint import checkpoint_path, save_checkpoint
     from jaxmnist.commands.reporting import OutputWriteError, saved_model_bytes, write_output
     from jaxmnist.config import check_against_data, num_runs, steps_per_epoch
-    from jaxmnist.loop import fit, run_complete, start_of_run
+    from jaxmnist.loop import best_epoch, fit, run_complete, start_of_run
     from jaxmnist.model import count_params
     from jaxmnist.parallel import runs_sharded
     from jaxmnist.runs import build_run, check_images, initial_shapes
@@ -245,6 +248,8 @@ def _train(
         reporter = _reporter(args, config, steps_per_epoch(config, num_train_images), start)
         progress = start
         with contextlib.closing(reporter):
+            if finished and args.save_best is not None and best_epoch(start.history) is start.history[-1]:
+                write_output(args.save_best, saved_model_bytes(config, start.state))  # the best is the last epoch
             steps = () if finished else fit(
                 config,
                 train_data,
@@ -274,7 +279,7 @@ def _train(
         if progress is not None:
             _say_how_it_ended(config, progress.history, args)
         if args.save is not None and progress is not None:
-            write_output(args.save, saved_model_bytes(config, progress.state))
+            write_output(args.save, saved_model_bytes(config, progress.state, list(progress.diverged)))
             print(f"trained parameters written to {args.save}")
         if stop.signal_number is not None:
             print(

@@ -9,6 +9,7 @@ spec its parameters file records (``--model FILE.py:NAME``), with its carried co
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +52,7 @@ def predict_probabilities(
     seed: int | None = None,
     collections: Any = None,
     values: dict[str, float] | None = None,
+    diverged: Sequence[int] = (),
 ) -> np.ndarray:
     """Class probabilities ``(N, classes)`` of uint8 ``images`` under a trained model's config and parameters.
 
@@ -58,10 +60,12 @@ def predict_probabilities(
     mode with its carried ``collections`` (e.g. BatchNorm's running statistics). Parameters of several
     runs (stacked: ``config.seeds`` > 1, or a grid) give the mean probability of the runs chosen: those
     of the grid configuration ``values`` names (every swept setting's value, e.g.
-    ``{"learning_rate": 0.01}``), and of ``seed`` alone when it is given.
+    ``{"learning_rate": 0.01}``), and of ``seed`` alone when it is given; the runs in ``diverged`` (a
+    grid's that diverged in training) are left out.
 
     Raises:
-        ValueError: ``seed`` or ``values`` do not name runs of these parameters (a grid needs ``values``).
+        ValueError: ``seed`` or ``values`` do not name runs of these parameters (a grid needs ``values``),
+            or every run they name diverged.
         jaxmnist.model_source.ModelSpecError: the model no longer builds parameters like these.
     """
     import jax
@@ -75,7 +79,12 @@ def predict_probabilities(
     from jaxmnist.train import create_train_state
 
     collections = collections or {}
-    chosen = _chosen_runs(grid_runs(config), swept_settings(config), values or {}, seed)
+    runs = grid_runs(config)
+    chosen = _chosen_runs(runs, swept_settings(config), values or {}, seed)
+    if set(diverged) & set(chosen):
+        chosen = [index for index in chosen if index not in diverged]
+        if not chosen:
+            raise ValueError("the runs chosen diverged in training: their parameters predict nothing; choose others")
     init_key = run_keys(config.seed)[0]
     template = create_train_state(
         init_key, settings_model(config).build(init_key), optax.identity(), input_shape=(1, *images.shape[1:])

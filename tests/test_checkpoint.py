@@ -229,6 +229,7 @@ def _train_with_a_stop_already_asked(argv: list[str]) -> int:
     return run(args, argv, config_from_args(args), stop)
 
 
+@pytest.mark.slow
 def test_a_stop_asked_in_the_last_call_ends_the_run_with_all_its_outputs(small_mnist_dir: Path, tmp_path: Path, capsys):
     flags = ["--data-dir", str(small_mnist_dir), "--no-verify", "--no-compile-cache", "--lr", "0.05,0.1",
              "--seeds", "2", "--batch-size", "32", "--checkpoint-dir", str(tmp_path / "ck"),
@@ -245,6 +246,7 @@ def test_a_stop_asked_in_the_last_call_ends_the_run_with_all_its_outputs(small_m
     chex.assert_trees_all_equal(saved["params"], newest["state"]["params"])
 
 
+@pytest.mark.slow
 def test_resuming_a_finished_run_writes_the_outputs_it_missed(small_mnist_dir: Path, tmp_path: Path, capsys):
     """A kill after the last checkpoint and before ``--save`` loses nothing: the resume writes it."""
     flags = ["--lr", "0.05,0.1", "--seeds", "2", "--batch-size", "32", "--epochs", "2",

@@ -216,6 +216,7 @@ class _ConvNet(nn.Module):
         return nn.Dense(10)(x.reshape((x.shape[0], -1)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch_size", [64, 256])
 def test_the_memory_estimate_of_a_step_is_near_xla_s_own_for_a_convolutional_model(batch_size):
     from jaxmnist.runs import _step_bytes
@@ -263,6 +264,7 @@ def test_a_grid_whose_every_run_diverged_stops_naming_the_values_and_seed(small_
         list(fit(TrainConfig(epochs=1, batch_size=32, learning_rate=(5e3, 1e4)), *small_data))
 
 
+@pytest.mark.slow
 def test_a_grid_goes_on_without_its_diverged_runs_each_other_run_as_alone(small_data, tmp_path: Path):
     config = TrainConfig(epochs=2, batch_size=32, learning_rate=(0.05, 1e4), seeds=2)
     steps = []

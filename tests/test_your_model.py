@@ -338,6 +338,7 @@ class _Float64BatchNorm(nn.Module):
         return nn.Dense(10, **wide)(nn.relu(x))
 
 
+@pytest.mark.slow
 def test_a_float64_model_s_float32_statistics_keep_their_dtype_and_both_loops_agree(digits):
     with jax.enable_x64(True):
         configs = {loop: TrainConfig(epochs=1, batch_size=32, dtype="float64", loop=loop) for loop in ("scan", "step")}

@@ -15,7 +15,7 @@ import numpy as np
 
 from jaxmnist.checkpoint import params_file_bytes
 from jaxmnist.commands.tensorboard import TensorBoardLog
-from jaxmnist.config import TrainConfig, num_runs, values_label
+from jaxmnist.config import TrainConfig, values_label
 from jaxmnist.files import reason, write_atomically
 from jaxmnist.loop import EpochResult, Progress, best_epoch
 from jaxmnist.programs import per_run
@@ -210,6 +210,7 @@ class Reporter:
         self.history: tuple[EpochResult, ...] = () if start is None else start.history
         self._epoch, self._position = (1, 0) if start is None else (start.epoch, start.position)
         self._diverged: dict[int, str] = {} if start is None else dict(start.diverged)
+        self._runs = grid_runs(config)
         self.bar = tqdm(
             total=config.epochs * steps_per_epoch,
             initial=self._steps_done(start),
@@ -225,9 +226,9 @@ class Reporter:
 
     def update(self, progress: Progress) -> None:
         self.bar.update(self._steps_done(progress) - self.bar.n)
-        going = np.delete(per_run(progress.step_losses, num_runs(self.config))[:, -1], list(progress.diverged))
+        going = np.delete(per_run(progress.step_losses, len(self._runs))[:, -1], list(progress.diverged))
         self.bar.set_postfix(epoch=progress.epoch, loss=f"{float(np.mean(going)):.4f}")
-        runs = grid_runs(self.config)
+        runs = self._runs
         for row in sorted(set(progress.diverged) - set(self._diverged)):
             self.bar.write(f"warning: {values_label(runs[row].values)}, seed {runs[row].seed} diverged at "
                            f"{progress.diverged[row]}; the grid's other runs go on", file=sys.stderr)  # fmt: skip

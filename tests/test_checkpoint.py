@@ -14,7 +14,15 @@ import pytest
 from flax import serialization
 
 from jaxmnist import checkpoint, files
-from jaxmnist.checkpoint import CheckpointError, checkpoint_paths, restore_progress, resume, save_checkpoint
+from jaxmnist.checkpoint import (
+    CheckpointError,
+    checkpoint_paths,
+    load_params,
+    restore_progress,
+    resume,
+    save_checkpoint,
+    save_params,
+)
 from jaxmnist.commands.train import main
 from jaxmnist.config import TrainConfig
 from jaxmnist.data import write_mnist
@@ -282,10 +290,13 @@ def test_resuming_a_finished_run_names_a_save_best_file_only_when_it_is_written(
     assert train_exit_code(small_mnist_dir, *flags) == 0
     capsys.readouterr()
     best = tmp_path / "best.msgpack"
+    stale = TrainConfig(learning_rate=0.5)  # a file of other settings where the best epoch's would go
+    save_params(best, stale, template_state(stale, 900).params)
     assert train_exit_code(small_mnist_dir, *flags, "--resume", "--save-best", str(best)) == 0
     said = capsys.readouterr().out
-    assert (f"its parameters are in {best}" in said) == best.exists()
-    assert best.exists() or f"{best} not written: the checkpoint holds the last epoch's parameters alone" in said
+    written = load_params(best)[0] != stale
+    assert (f"its parameters are in {best}" in said) == written
+    assert written or f"{best} not written: the checkpoint holds the last epoch's parameters alone" in said
     if epochs == 1:
         saved = serialization.msgpack_restore(best.read_bytes())
         newest = serialization.msgpack_restore(checkpoint_paths(tmp_path / "ck")[-1].read_bytes())
@@ -347,3 +358,24 @@ def test_every_checkpoint_function_takes_a_str_path_as_well(tmp_path: Path):
     loaded_config, params = checkpoint.load_params(str(params_file))
     assert loaded_config == config
     chex.assert_trees_all_equal(params, jax.device_get(progress.state.params))
+
+
+def test_the_best_epoch_s_file_is_named_only_when_it_holds_this_run_s_settings(tmp_path: Path, capsys):
+    import argparse
+
+    from jaxmnist.commands.training import _say_how_it_ended
+    from jaxmnist.loop import EpochResult
+
+    config = TrainConfig(epochs=2, val_split=10)
+    history = [
+        EpochResult(epoch, 1.0, 0.5, 1.0, 0.5, 1.0, 0.0, 1.0, val_loss=loss, val_accuracy=0.8)
+        for epoch, loss in ((1, 0.5), (2, 0.9))
+    ]
+    best = tmp_path / "best.msgpack"
+    for settings, named in ((TrainConfig(learning_rate=0.5), False), (config, True)):
+        save_params(best, settings, template_state(settings, 100).params)
+        _say_how_it_ended(config, history, argparse.Namespace(save_best=best))
+        said = capsys.readouterr().out
+        assert said.startswith("best epoch 1: val loss 0.5000")
+        assert (f"its parameters are in {best}" in said) == named
+        assert (f"{best} not written: the checkpoint holds the last epoch's parameters alone" in said) != named

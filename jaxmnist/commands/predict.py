@@ -106,11 +106,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"configuration {', '.join(f'{_flags()[name]} {value_text(value)}' for name, value in values.items())}")
     if config.seeds > 1:
         seeds = f"{config.seeds} seeds ({config.seed}..{config.seed + config.seeds - 1})"
-        print(f"seed {args.seed} of {seeds}" if args.seed is not None else f"ensemble: mean probability of {seeds}")
         left_out = _diverged_seeds(config, saved.diverged, values)
-        if left_out and args.seed is None:
-            seeds_left_out = f"seed{'s' if len(left_out) > 1 else ''} {', '.join(map(str, left_out))}"
-            print(f"left out: {seeds_left_out}, diverged in training")
+        if args.seed is not None:
+            print(f"seed {args.seed} of {seeds}")
+        elif left_out:
+            which = f"seed{'s' if len(left_out) > 1 else ''} {', '.join(map(str, left_out))}"
+            print(
+                f"ensemble: mean probability of {config.seeds - len(left_out)} of {seeds}; {which} diverged in training"
+            )
+        else:
+            print(f"ensemble: mean probability of {seeds}")
     for path, row in zip(args.images, probabilities):
         best = np.argsort(row)[::-1][: min(args.top, len(row))]
         print(f"{path}: " + ", ".join(f"{digit} ({row[digit]:.3f})" for digit in best))

@@ -92,10 +92,10 @@ def grid_lines(results: tuple[EpochResult, ...], config: TrainConfig) -> str:
     more = ""
     if len(summaries) > GRID_LINES_PER_EPOCH:
         ranked, criterion = rank_configurations(summaries)
-        loss = criterion.replace("_", " ")
+        loss = ("mean " if config.seeds > 1 else "") + criterion.replace("_", " ")
         shown = ranked[:GRID_BEST_SHOWN]
-        more = (f"  ... and {len(summaries) - len(shown)} more configurations (the best {len(shown)} by mean "
-                f"{loss} shown; every one in the table at the end)")  # fmt: skip
+        more = (f"  ... and {len(summaries) - len(shown)} more configurations (the best {len(shown)} by {loss} "
+                "shown; every one in the table at the end)")  # fmt: skip
         summaries = shown
     width = max(len(values_label(summary.values)) for summary in summaries)
     for summary in summaries:

@@ -56,8 +56,10 @@ class TensorBoardLog:
         losses = progress.step_losses.reshape(-1, progress.step_losses.shape[-1])
         for position in range(first_position, progress.position):
             if (before + position + 1) % self.every == 0:
-                for writer, members, _ in self.groups:  # several seeds: their mean
-                    writer.add_scalar("batch/loss", float(np.mean(losses[members, position])), before + position + 1)
+                for writer, members, _ in self.groups:  # several seeds: the mean of those that did not diverge
+                    going = [member for member in members if member not in progress.diverged]
+                    if going:
+                        writer.add_scalar("batch/loss", float(np.mean(losses[going, position])), before + position + 1)
 
     def epoch(self, results: tuple[EpochResult, ...]) -> None:
         """The epoch's scalars; with several seeds their mean, and ``_min``/``_max`` beside it. A grid's

@@ -205,12 +205,24 @@ def _say_how_it_ended(config: TrainConfig, history, args: argparse.Namespace) ->
     if best is None or config.seeds > 1:
         return
     if early_stop_due(history, config.early_stopping):
-        print(f"early stopping: the validation loss has not improved for {config.early_stopping} epochs")
+        epochs = f"{config.early_stopping} epoch{'s' if config.early_stopping != 1 else ''}"
+        print(f"early stopping: the validation loss has not improved for {epochs}")
     saved = ""
     if args.save_best is not None:
-        saved = (f"; its parameters are in {args.save_best}" if args.save_best.exists() else
+        saved = (f"; its parameters are in {args.save_best}" if _holds_this_run(args.save_best, config) else
                  f"; {args.save_best} not written: the checkpoint holds the last epoch's parameters alone")  # fmt: skip
     print(f"best epoch {best.epoch}: val loss {best.val_loss:.4f}, val accuracy {best.val_accuracy:.4f}{saved}")
+
+
+def _holds_this_run(path: Path, config: TrainConfig) -> bool:
+    """Whether ``path`` is a parameters file of this run's settings (written when its best epoch ended, by this
+    command or by the one it resumes): a file of other settings is not this run's best epoch."""
+    from jaxmnist.checkpoint import CheckpointError, config_differences, load_saved_model
+
+    try:
+        return not config_differences(load_saved_model(path).config, config)
+    except CheckpointError:
+        return False
 
 
 def _train(

@@ -12,6 +12,7 @@ import numpy as np
 
 from jaxmnist.config import values_label
 from jaxmnist.files import write_atomically
+from jaxmnist.sweeps import diverged_runs
 
 
 def _pyplot():
@@ -76,7 +77,7 @@ def plot_grid_bands(history: Sequence[Any], path: str | os.PathLike | None = Non
     plt = _pyplot()
     epochs = sorted({result.epoch for result in history})
     configurations = list(dict.fromkeys(tuple(result.swept.items()) for result in history))
-    diverged = {(tuple(result.swept.items()), result.seed) for result in history if result.diverged}
+    diverged = diverged_runs(history)
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for configuration in configurations:
         members = [result for result in history if tuple(result.swept.items()) == configuration

@@ -54,6 +54,11 @@ def final_results(history: Sequence[EpochResult]) -> list[EpochResult]:
     return [result for result in history if history and result.epoch == history[-1].epoch]
 
 
+def diverged_runs(history: Sequence[EpochResult]) -> set[tuple[tuple, int]]:
+    """The runs of ``history`` that diverged at some epoch, each as ``(tuple(swept.items()), seed)``."""
+    return {(tuple(result.swept.items()), result.seed) for result in history if result.diverged}
+
+
 def summarize(results: Sequence[EpochResult]) -> list[ConfigurationSummary]:
     """One summary per configuration (distinct ``swept`` values, in their order) of one epoch's results.
 

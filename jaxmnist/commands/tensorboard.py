@@ -9,6 +9,7 @@ import numpy as np
 
 from jaxmnist.config import TrainConfig, config_to_dict, value_text
 from jaxmnist.loop import EpochResult, Progress, best_epoch
+from jaxmnist.sweeps import diverged_runs
 
 INSTALL_HINT = "pip install 'jaxmnist[tensorboard]'"
 
@@ -70,17 +71,13 @@ class TensorBoardLog:
                 _epoch_scalars(writer, going)
 
     def close(self, history: tuple[EpochResult, ...]) -> None:
+        diverged = diverged_runs(history)
         for writer, _, values in self.groups:
-            own = [result for result in history if result.swept == values]
-            going = [result for result in own if not _diverged_by(result, history)]
+            going = [result for result in history if result.swept == values
+                     and (tuple(values.items()), result.seed) not in diverged]  # fmt: skip
             if going:
                 _hparams(writer, self.config, values, going)
             writer.close()
-
-
-def _diverged_by(result: EpochResult, history: tuple[EpochResult, ...]) -> bool:
-    """Whether ``result``'s run has diverged by the end of ``history``: its final numbers are left out."""
-    return any(other.diverged for other in history if other.seed == result.seed and other.swept == result.swept)
 
 
 def _epoch_scalars(writer, results: list[EpochResult]) -> None:

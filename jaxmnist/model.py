@@ -101,7 +101,9 @@ class KeepProbabilityDropout(nn.Module):
         if deterministic:
             return inputs
         mask = jax.random.bernoulli(self.make_rng("dropout"), p=keep_probability, shape=inputs.shape)
-        return jax.lax.select(mask, inputs / keep_probability, jnp.zeros_like(inputs))
+        # XLA compiles ``nn.Dropout``'s division by its constant rate as a product with the reciprocal; a
+        # division by an array it may keep as one (it does over several devices), which rounds differently.
+        return jax.lax.select(mask, inputs * (1 / keep_probability), jnp.zeros_like(inputs))
 
 
 def count_params(params) -> int:

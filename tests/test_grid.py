@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import chex
@@ -109,6 +110,42 @@ def test_each_run_of_a_dropout_grid_with_its_own_optimizer_is_its_run_alone_in_f
         config = TrainConfig(epochs=1, batch_size=32, dtype="float64", dropout=(0.0, 0.3), seeds=2)
         optimizer = optax.inject_hyperparams(optax.adam)(learning_rate=1e-3)
         _assert_each_run_is_its_run_alone(config, small_data, rtol=1e-12, optimizer=optimizer)
+
+
+def test_a_per_run_dropout_rate_rounds_as_the_constant_rate_alone_over_several_devices():
+    # Over two devices XLA kept ``inputs / keep`` a division where the run alone multiplies by the rate's
+    # reciprocal: a float32 dropout grid drifted from its runs alone by rounding, 1e-7 after one step.
+    code = textwrap.dedent(
+        """
+        import flax.linen as nn, jax, jax.numpy as jnp
+        from jax.sharding import PartitionSpec
+        from jaxmnist.model import KeepProbabilityDropout
+        from jaxmnist.parallel import BATCH_AXIS, make_mesh
+        runs = 4
+        inputs, cotangents = (jax.random.normal(jax.random.key(seed), (runs, 64, 128)) for seed in (0, 1))
+        keys = jax.random.split(jax.random.key(2), runs)
+
+        def with_gradient(layer):
+            def call(x, cotangent, key, *keep):
+                out, vjp = jax.vjp(lambda x: layer(x, key, *keep), x)
+                return out, vjp(cotangent)[0]
+            return call
+
+        per_run = with_gradient(lambda x, key, keep: KeepProbabilityDropout().apply({}, x, keep, False,
+                                                                                  rngs={"dropout": key}))
+        alone = jax.jit(with_gradient(lambda x, key: nn.Dropout(0.2).apply({}, x, False, rngs={"dropout": key})))
+        spec = PartitionSpec(BATCH_AXIS)
+        grid = jax.jit(jax.shard_map(jax.vmap(per_run), mesh=make_mesh(2), in_specs=spec, out_specs=spec))
+        outputs, gradients = grid(inputs, cotangents, keys, jnp.full(runs, 0.8))
+        for run in range(runs):
+            output, gradient = alone(inputs[run], cotangents[run], keys[run])
+            print(int((outputs[run] != output).sum()), int((gradients[run] != gradient).sum()))
+        """
+    )
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0"] * 8  # outputs and gradients of every run equal to the bit
 
 
 @pytest.mark.slow

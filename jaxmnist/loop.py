@@ -277,7 +277,8 @@ def fit(
 
     Raises:
         RunError: images that are not uint8 ``(N, H, W[, C])``, a model whose output is not ``(B, classes)``
-            logits, or a label outside ``[0, classes)``, all before the first step.
+            logits, a label outside ``[0, classes)``, or ``dtype`` float64 with JAX's 64-bit mode off, all
+            before the first step.
         jaxmnist.model_source.ModelSpecError: a ``model`` that cannot give a model.
 
     Example:

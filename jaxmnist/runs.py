@@ -185,6 +185,12 @@ def build_run(
         >>> run.model.name, run.loss, run.learning_rates(TrainConfig())
         ('MLP', 'nll', [0.003])
     """
+    if config.dtype == "float64" and jax.dtypes.canonicalize_dtype(np.float64) != np.float64:
+        # else JAX truncates every float64 to float32 with a warning, and the run trains in float32
+        raise RunError(
+            "`dtype`='float64' needs JAX's 64-bit mode, which is off: call "
+            "jax.config.update('jax_enable_x64', True) before creating any array"
+        )
     if model is None:
         source = settings_model(config)
     else:

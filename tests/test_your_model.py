@@ -179,6 +179,15 @@ def test_a_label_the_model_cannot_output_is_refused_before_the_first_step(digits
         next(fit(TrainConfig(epochs=1, batch_size=32), (digits[0][0], labels), digits[1]))
 
 
+def test_float64_with_jax_s_64_bit_mode_off_is_refused_rather_than_trained_in_float32(digits):
+    config = TrainConfig(epochs=1, batch_size=32, dtype="float64")
+    with jax.enable_x64(False), pytest.raises(RunError, match="`dtype`='float64' needs JAX's 64-bit mode"):
+        next(fit(config, *digits))
+    with jax.enable_x64(True):
+        params = next(fit(config, *digits)).state.params
+    assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {np.dtype("float64")}
+
+
 def test_a_model_whose_output_is_not_batch_by_classes_is_refused(models_file, digits):
     with pytest.raises(RunError, match=r"output for 2 images of shape \(28, 28\) is \(2, 28, 10\)"):
         next(fit(TrainConfig(epochs=1), *digits, model=load_model(f"{models_file}:Wide")))

@@ -28,7 +28,8 @@ from jaxmnist.runs import run_keys
 from jaxmnist.train import TrainState
 
 FORMAT = "jaxmnist-checkpoint"
-VERSION = 2  # 2: the train state carries its collections and PRNG key
+VERSION = 3  # 2: the train state carries its collections and PRNG key; 3: one held-out set for every seed
+_READABLE_VERSIONS = (2, VERSION)  # a version 2 run held out what it does now unless `seed` != 0
 _NAME = re.compile(r"^ckpt-(\d+)\.msgpack$")
 
 
@@ -114,11 +115,16 @@ def read_checkpoint(path: PathArg) -> tuple[TrainConfig, dict[str, Any]]:
         payload = serialization.msgpack_restore(path.read_bytes())
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise ValueError("not a jaxmnist checkpoint")
-        if payload.get("version") != VERSION:
+        if payload.get("version") not in _READABLE_VERSIONS:
             raise ValueError(f"checkpoint format version {payload.get('version')}, this jaxmnist reads {VERSION}")
         config = config_from_dict(json.loads(payload["config"]))
     except Exception as error:  # msgpack, json and our own checks raise assorted types
         raise DamagedCheckpointError(f"{path}: damaged or not a jaxmnist checkpoint ({error})") from error
+    if payload["version"] == 2 and config.val_split and config.seed != 0:
+        raise CheckpointError(
+            f"{path}: cannot resume, its `val_split` images were held out by `seed`={config.seed}, and this "
+            "jaxmnist holds out the same images for every seed: start the run again"
+        )
     return config, payload
 
 

@@ -45,7 +45,8 @@ _NEEDS_VALUES = (
 # of the default O3 for the initializers tested (uniform, truncated normal: every run against its eager
 # initialization); O0 changes them.
 _RUN_ONCE_CPU_OPTIONS = {"xla_backend_optimization_level": 1}
-# Salts for keys derived from the seed besides the init and data keys (which stay split(key(seed))).
+# The held-out images' key, one for every seed: the one seed 0 drew when it came from the seed (format
+# version 2 checkpoints), apart from the init and data keys (which stay split(key(seed))).
 _VALIDATION_SALT = 0x76616C  # "val"
 
 
@@ -92,8 +93,9 @@ def grid_runs(config: TrainConfig) -> list[GridRun]:
 def hold_out(config: TrainConfig, images: np.ndarray, labels: np.ndarray) -> tuple[tuple, tuple]:
     """The training images split into ``(train, validation)``: ``val_split`` of them held out.
 
-    Which ones depends on the seed alone (a key of its own, so the init and shuffle keys do not move);
-    both parts keep the data set's order.
+    The same images for every seed (drawn from a key of their own, so the init and shuffle keys do not
+    move): the runs of a grid or of several seeds are each their run alone, and all are validated on the
+    same images. Both parts keep the data set's order.
 
     Example:
         >>> images, labels = np.zeros((10, 28, 28), np.uint8), np.arange(10)
@@ -104,9 +106,7 @@ def hold_out(config: TrainConfig, images: np.ndarray, labels: np.ndarray) -> tup
     check_against_data(config, len(images))
     if not config.val_split:  # nothing held out: no permutation to draw (or compile)
         return (images, labels), (images[:0], labels[:0])
-    order = np.asarray(
-        jax.random.permutation(jax.random.fold_in(jax.random.key(config.seed), _VALIDATION_SALT), len(images))
-    )
+    order = np.asarray(jax.random.permutation(jax.random.fold_in(jax.random.key(0), _VALIDATION_SALT), len(images)))
     held, kept = np.sort(order[: config.val_split]), np.sort(order[config.val_split :])
     return (images[kept], labels[kept]), (images[held], labels[held])
 

@@ -108,6 +108,19 @@ def test_resuming_with_another_configuration_is_refused_naming_the_setting(small
     restore_progress(path, TrainConfig(**{**SMALL.__dict__, "epochs": 9, "loop": "step"}), template_state(SMALL, 200))
 
 
+@pytest.mark.parametrize("seed, refused", [(0, False), (3, True)])
+def test_a_version_2_checkpoint_resumes_unless_its_held_out_images_were_its_seed_s(small_data, tmp_path, seed, refused):
+    config = TrainConfig(**{**SMALL.__dict__, "val_split": 32, "seed": seed})
+    path = save_checkpoint(tmp_path, config, next(iter(fit(config, *small_data))))
+    payload = serialization.msgpack_restore(path.read_bytes())
+    path.write_bytes(serialization.msgpack_serialize({**payload, "version": 2}))
+    if refused:
+        with pytest.raises(CheckpointError, match="held out by `seed`=3, and this jaxmnist holds out the same"):
+            restore_progress(path, config, template_state(config, 200))
+    else:
+        restore_progress(path, config, template_state(config, 200))
+
+
 @pytest.mark.parametrize(
     "content, fault",
     [

@@ -105,6 +105,14 @@ def test_each_run_of_a_dropout_decay_or_scheduled_momentum_grid_is_its_run_alone
 
 
 @pytest.mark.slow
+def test_each_seed_of_a_grid_with_held_out_images_is_its_run_alone_in_float64(small_data):
+    with jax.enable_x64(True):  # every seed holds out the same images as its run alone does
+        config = TrainConfig(epochs=1, batch_size=32, dtype="float64", learning_rate=(0.01, 0.05), seeds=2, seed=3,
+                             val_split=48)  # fmt: skip
+        _assert_each_run_is_its_run_alone(config, small_data, rtol=1e-12)
+
+
+@pytest.mark.slow
 def test_each_run_of_a_dropout_grid_with_its_own_optimizer_is_its_run_alone_in_float64(small_data):
     with jax.enable_x64(True), jax.numpy_dtype_promotion("standard"):  # optax's Adam: see above
         config = TrainConfig(epochs=1, batch_size=32, dtype="float64", dropout=(0.0, 0.3), seeds=2)

@@ -59,8 +59,10 @@ def config_differences(saved: TrainConfig, current: TrainConfig) -> list[tuple[s
 
 
 def _shown(value: Any) -> str:
-    """A setting's value in a message: a grid's list as ``0.01,0.03``, as its flag takes it."""
-    return ",".join(map(value_text, value)) if isinstance(value, tuple) else str(value)
+    """A setting's value in a message as its flag takes it: a grid's list as ``0.01,0.03``, a number as ``0``."""
+    if isinstance(value, tuple):
+        return ",".join(map(value_text, value))
+    return value_text(value) if isinstance(value, float) else str(value)
 
 
 def checkpoint_paths(directory: PathArg) -> list[Path]:

@@ -146,15 +146,28 @@ class Progress:
 class DivergenceError(ArithmeticError):
     """The training loss became NaN, infinite or absurdly large; ``epoch`` and ``step`` say where (from 1)."""
 
-    def __init__(self, epoch: int, step: int, loss: float, seed: int | None = None, values: dict | None = None):
+    def __init__(self, epoch: int, step: int, loss: float, seed: int | None = None, values: dict | None = None,
+                 others: Sequence[str] = ()):  # fmt: skip
         run = "" if seed is None else f" of seed {seed}"
         if values:
-            run = f" of {', '.join(f'`{name}`={value_text(value)}' for name, value in values.items())}, seed {seed}"
+            run = f" of {_run_text(values, seed)}"
+        # ``others``: the other runs of a grid whose every run diverged, as "values, seed S"
+        also = f" (and of every other run: {_listed(others)})" if others else ""
         super().__init__(
-            f"training diverged: the loss{run} became {loss:.6g} at epoch {epoch}, step {step}; "
+            f"training diverged: the loss{run} became {loss:.6g} at epoch {epoch}, step {step}{also}; "
             "try a lower `learning_rate` (the lesson uses 0.003)"
         )
         self.epoch, self.step, self.loss, self.seed, self.values = epoch, step, loss, seed, values or {}
+
+
+def _run_text(values: dict[str, float], seed: int) -> str:
+    """One run of a grid in words, e.g. "`learning_rate`=0.01, seed 2"."""
+    return f"{', '.join(f'`{name}`={value_text(value)}' for name, value in values.items())}, seed {seed}"
+
+
+def _listed(items: Sequence[str], at_most: int = 3) -> str:
+    more = f" and {len(items) - at_most} more" if len(items) > at_most else ""
+    return "; ".join(items[:at_most]) + more
 
 
 def start_of_run(config: TrainConfig, run: Run, runs_sharding: jax.sharding.Sharding | None = None) -> Progress:
@@ -186,8 +199,12 @@ def _note_divergence(losses: np.ndarray, max_loss: float, epoch: int, position: 
         step = int(np.argmax(bad[row]))
         seed = runs[row].seed if len(runs) > 1 else None
         errors[row] = DivergenceError(epoch, position + step + 1, float(losses[row, step]), seed, runs[row].values)
-    if not runs[0].values or len(diverged) + len(newly) == len(runs):
+    if not runs[0].values:
         raise errors[newly[0]]
+    if len(diverged) + len(newly) == len(runs):
+        first = errors[newly[0]]
+        others = [_run_text(run.values, run.seed) for row, run in enumerate(runs) if row != newly[0]]
+        raise DivergenceError(first.epoch, first.step, first.loss, first.seed, first.values, others)
     where = {row: f"epoch {error.epoch}, step {error.step} (loss {error.loss:.6g})" for row, error in errors.items()}
     return {**diverged, **where}
 

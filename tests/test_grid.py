@@ -305,8 +305,12 @@ def test_resuming_a_grid_inside_an_epoch_is_bit_exact(small_data, tmp_path: Path
 
 @pytest.mark.slow
 def test_a_grid_whose_every_run_diverged_stops_naming_the_values_and_seed(small_data):
-    with pytest.raises(DivergenceError, match=r"the loss of `learning_rate`=5000, seed \d became"):
+    with pytest.raises(DivergenceError, match=r"the loss of `learning_rate`=5000, seed 0 became") as error:
         list(fit(TrainConfig(epochs=1, batch_size=32, learning_rate=(5e3, 1e4)), *small_data))
+    assert "(and of every other run: `learning_rate`=10000, seed 0)" in str(error.value)
+    many = TrainConfig(epochs=1, batch_size=32, learning_rate=(5e3, 1e4), seeds=3)
+    with pytest.raises(DivergenceError, match=r"; `learning_rate`=10000, seed 0 and 2 more\); try a lower"):
+        list(fit(many, *small_data))
 
 
 @pytest.mark.slow
@@ -501,6 +505,10 @@ def test_a_checkpoint_of_another_grid_is_refused(tiny_mnist_dir: Path, tmp_path:
     assert train_exit_code(tiny_mnist_dir, *common, "--lr", "0.01,0.03") == 0
     assert train_exit_code(tiny_mnist_dir, *common, "--lr", "0.01,0.1", "--epochs", "2", "--resume") == 2
     assert "--lr is 0.01,0.03 in the checkpoint but 0.01,0.1 now" in capsys.readouterr().err
+    dropout = ["--epochs", "1", "--checkpoint-dir", str(tmp_path / "dropout")]
+    assert train_exit_code(tiny_mnist_dir, *dropout, "--dropout", "0,0.2") == 0
+    assert train_exit_code(tiny_mnist_dir, *dropout, "--dropout", "0", "--epochs", "2", "--resume") == 2
+    assert "--dropout is 0,0.2 in the checkpoint but 0 now" in capsys.readouterr().err  # a number as its flag takes it
 
 
 @pytest.mark.slow

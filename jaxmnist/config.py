@@ -189,7 +189,7 @@ class TrainConfig:
     )
     val_split: int = setting(
         0,
-        "hold out N training images (the same ones for a seed, never trained on) and report validation loss "
+        "hold out N training images (the same ones for every seed, never trained on) and report validation loss "
         "and accuracy each epoch (default 0: none)",
         flag="--val-split",
         kind="non_negative_int",

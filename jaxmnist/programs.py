@@ -140,17 +140,19 @@ class Programs:
         def grouped(*args):
             runs = jax.tree.leaves(args[per_run[0]])[0].shape[0]
             group = max(size for size in range(1, runs_per_group + 1) if runs % size == 0)
-            if not self.on_cpu or group == runs:
+            if not self.on_cpu or group == runs > 1:
                 return vmapped(*args)
 
-            def one_group(group_args):
+            def with_runs(group_args, function):
                 full = list(args)
                 for index, value in zip(per_run, group_args, strict=True):
                     full[index] = value
-                return vmapped(*full)
+                return function(*full)
 
+            if group == 1:  # each run by the single run's own program: a vmap of one rounds differently
+                return jax.lax.map(partial(with_runs, function=call), [args[index] for index in per_run])
             split = partial(jax.tree.map, lambda leaf: leaf.reshape(runs // group, group, *leaf.shape[1:]))
-            out = jax.lax.map(one_group, [split(args[index]) for index in per_run])
+            out = jax.lax.map(partial(with_runs, function=vmapped), [split(args[index]) for index in per_run])
             return jax.tree.map(lambda leaf: leaf.reshape(runs, *leaf.shape[2:]), out)
 
         if self.runs_mesh is None:

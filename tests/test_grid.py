@@ -535,6 +535,26 @@ def test_the_command_spreads_a_grid_over_one_cpu_device_per_core_with_the_one_de
 
 
 @pytest.mark.slow
+def test_one_run_on_each_device_trains_by_the_single_run_s_program_to_the_bit(small_mnist_dir: Path, tmp_path: Path):
+    # A vmap of one run rounded differently from the run alone (float32 test loss 5e-2 apart after an epoch).
+    metrics = tmp_path / "m.jsonl"
+    flags = ["--epochs", "1", "--optimizer", "momentum", "--momentum", "0.9", "--lr", "0.05,0.01"]
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxmnist.train", *flags, "--devices", "2", "--data-dir", str(small_mnist_dir),
+         "--no-verify", "--no-compile-cache", "--metrics-out", str(metrics)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "XLA_FLAGS": ""},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "on 2 cpu (cpu) devices, 1 whole run on each" in result.stdout
+    data = [load_mnist(split, small_mnist_dir, verify=False) for split in ("train", "test")]
+    config = TrainConfig(epochs=1, optimizer="momentum", momentum=0.9, learning_rate=(0.05, 0.01))
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    for record, run in zip(records, grid_runs(config), strict=True):
+        alone = _last(_alone(config, run.values, run.seed), data).result
+        assert (record["train_loss"], record["test_loss"]) == (alone.train_loss, alone.test_loss)
+
+
+@pytest.mark.slow
 def test_a_grid_writes_one_tensorboard_folder_per_configuration_and_one_plot_band_each(tiny_mnist_dir: Path,
                                                                                        tmp_path: Path):  # fmt: skip
     pytest.importorskip("tensorboardX", reason="pip install 'jaxmnist[tensorboard]'")

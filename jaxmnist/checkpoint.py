@@ -118,14 +118,15 @@ def read_checkpoint(path: PathArg) -> tuple[TrainConfig, dict[str, Any]]:
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise ValueError("not a jaxmnist checkpoint")
         if payload.get("version") not in _READABLE_VERSIONS:
-            raise ValueError(f"checkpoint format version {payload.get('version')}, this jaxmnist reads {VERSION}")
+            readable = " and ".join(map(str, _READABLE_VERSIONS))
+            raise ValueError(f"checkpoint format version {payload.get('version')}, this jaxmnist reads {readable}")
         config = config_from_dict(json.loads(payload["config"]))
     except Exception as error:  # msgpack, json and our own checks raise assorted types
         raise DamagedCheckpointError(f"{path}: damaged or not a jaxmnist checkpoint ({error})") from error
     if payload["version"] == 2 and config.val_split and config.seed != 0:
         raise CheckpointError(
             f"{path}: cannot resume, its `val_split` images were held out by `seed`={config.seed}, and this "
-            "jaxmnist holds out the same images for every seed: start the run again"
+            "jaxmnist holds out the same images for every seed: start the run again, in an empty checkpoint folder"
         )
     return config, payload
 

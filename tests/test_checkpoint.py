@@ -127,8 +127,10 @@ def test_a_version_2_checkpoint_resumes_unless_its_held_out_images_were_its_seed
         (b"", "damaged"),
         (b"garbage\n", "damaged"),
         (serialization.msgpack_serialize({"format": "other"}), "not a jaxmnist"),
+        (serialization.msgpack_serialize({"format": "jaxmnist-checkpoint", "version": 4}),
+         "checkpoint format version 4, this jaxmnist reads 2 and 3"),
     ],
-)
+)  # fmt: skip
 def test_damaged_checkpoint_is_a_clear_error(tmp_path: Path, content: bytes, fault: str):
     (tmp_path / "ckpt-00000005.msgpack").write_bytes(content)
     with pytest.raises(CheckpointError, match=fault):

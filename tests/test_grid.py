@@ -385,6 +385,16 @@ def test_a_configuration_s_diverged_seeds_are_named_and_left_out_of_its_numbers(
 
 
 @pytest.mark.slow
+def test_predict_names_every_value_it_needs_to_pick_a_grid_s_runs():
+    config = TrainConfig(optimizer="momentum", learning_rate=(0.01, 0.1), momentum=(0.5, 0.9))
+    params = initial_state(config, build_run(config, (28, 28), 256)).params
+    needed = r"give `learning_rate` \(one of 0.01, 0.1\) and `momentum` \(one of 0.5, 0.9\) to pick its runs"
+    with pytest.raises(ValueError, match=needed):
+        predict_probabilities(config, params, np.zeros((1, 28, 28), np.uint8))
+    with pytest.raises(ValueError, match=r"give `momentum` \(one of 0.5, 0.9\) to pick"):
+        predict_probabilities(config, params, np.zeros((1, 28, 28), np.uint8), values={"learning_rate": 0.1})
+
+
 def test_predict_averages_a_configuration_s_seeds_or_takes_one(small_data):
     config = TrainConfig(epochs=1, batch_size=32, learning_rate=(0.01, 0.1), seeds=2)
     progress = _last(config, small_data)

@@ -252,8 +252,8 @@ def _train(
     print(describe(config, num_train_images, mesh, run.model.name, num_params), flush=True)
     finished = start is not None and run_complete(config, start)
     if finished:  # e.g. stopped after its last checkpoint and before its outputs: they are written now
-        print(f"the checkpoint has finished its run ({start.epoch - 1} epochs, --epochs {config.epochs}): "
-              "writing its outputs")  # fmt: skip
+        epochs = f"{start.epoch - 1} epoch{'s' if start.epoch != 2 else ''}"
+        print(f"the checkpoint has finished its run ({epochs}, --epochs {config.epochs}): writing its outputs")
 
     saved_at = restored.path if restored else None
     try:

@@ -115,10 +115,10 @@ def _chosen_runs(
     if unknown:
         listed = f"lists only {', '.join(f'`{name}`' for name in swept)}" if swept else "is not a grid"
         raise ValueError(f"`{unknown[0]}`={values[unknown[0]]}: the run {listed}")
-    missing = [name for name in swept if name not in values]
-    if missing and len(swept[missing[0]]) > 1:
-        choices = ", ".join(map(value_text, swept[missing[0]]))
-        raise ValueError(f"these parameters are of a grid: give `{missing[0]}` (one of {choices}) to pick its runs")
+    missing = [name for name in swept if name not in values and len(swept[name]) > 1]
+    if missing:
+        give = " and ".join(f"`{name}` (one of {', '.join(map(value_text, swept[name]))})" for name in missing)
+        raise ValueError(f"these parameters are of a grid: give {give} to pick its runs")
     for name, value in values.items():
         if value not in swept[name]:
             choices = ", ".join(map(value_text, swept[name]))

@@ -197,6 +197,11 @@ def configure_jax(float64: bool, compile_cache: bool) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
+def counted(count: int, noun: str) -> str:
+    """``count`` ``noun``s in words, e.g. ``1 epoch``, ``2 epochs``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def in_flag_terms(message: str, flags: Mapping[str, str]) -> str:
     """A library message with its `argument` names replaced by the flags that set them."""
     flags = {**DATA_FLAGS, **flags}

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxmnist.checkpoint import params_file_bytes
+from jaxmnist.commands.kit import counted
 from jaxmnist.commands.tensorboard import TensorBoardLog
 from jaxmnist.config import TrainConfig, values_label
 from jaxmnist.files import reason, write_atomically
@@ -146,7 +147,7 @@ def grid_table(history: tuple[EpochResult, ...], config: TrainConfig) -> str:
         else "lowest mean final training loss (no validation set: --val-split N chooses on held-out images)"
     )
     return (
-        f"after {epoch} epoch{'s' if epoch != 1 else ''}, {_over_seeds(config)}:\n"
+        f"after {counted(epoch, 'epoch')}, {_over_seeds(config)}:\n"
         + "\n".join(rows)
         + f"\nbest: {values_label(best.values)} (*), {chosen}"
     )

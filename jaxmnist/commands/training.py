@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from jaxmnist.commands.kit import EXIT_WRITE_FAILED, configure_jax, load_splits
+from jaxmnist.commands.kit import EXIT_WRITE_FAILED, configure_jax, counted, load_splits
 from jaxmnist.commands.stopping import GracefulStop
 from jaxmnist.config import TrainConfig
 from jaxmnist.files import reason
@@ -94,13 +94,13 @@ def describe(config: TrainConfig, num_images: int, mesh, model_name: str, num_pa
     where = f"{device.platform} ({device.device_kind})"
     if mesh.size > 1 and num_runs(config) > 1:
         each = num_runs(config) // mesh.size
-        where = f"{mesh.size} {where} devices, {each} whole run{'s' if each != 1 else ''} on each"
+        where = f"{mesh.size} {where} devices, {counted(each, 'whole run')} on each"
     elif mesh.size > 1:
         width = padded_batch_width(config.batch_size, mesh)
         where = f"{mesh.size} {where} devices, {width // mesh.size} images of each batch per device"
     schedule = "" if config.schedule == "constant" else f" ({config.schedule} schedule)"
     held_out = f" ({config.val_split} held out for validation)" if config.val_split else ""
-    epochs = f"{config.epochs} epoch{'s' if config.epochs != 1 else ''}"
+    epochs = counted(config.epochs, "epoch")
     swept = swept_settings(config)
     seeds = f"{config.seeds} seeds ({config.seed}..{config.seed + config.seeds - 1})"
     if swept:
@@ -205,8 +205,7 @@ def _say_how_it_ended(config: TrainConfig, history, args: argparse.Namespace) ->
     if best is None or config.seeds > 1:
         return
     if early_stop_due(history, config.early_stopping):
-        epochs = f"{config.early_stopping} epoch{'s' if config.early_stopping != 1 else ''}"
-        print(f"early stopping: the validation loss has not improved for {epochs}")
+        print(f"early stopping: the validation loss has not improved for {counted(config.early_stopping, 'epoch')}")
     saved = ""
     if args.save_best is not None:
         saved = (f"; its parameters are in {args.save_best}" if _holds_this_run(args.save_best, config) else
@@ -252,8 +251,8 @@ def _train(
     print(describe(config, num_train_images, mesh, run.model.name, num_params), flush=True)
     finished = start is not None and run_complete(config, start)
     if finished:  # e.g. stopped after its last checkpoint and before its outputs: they are written now
-        epochs = f"{start.epoch - 1} epoch{'s' if start.epoch != 2 else ''}"
-        print(f"the checkpoint has finished its run ({epochs}, --epochs {config.epochs}): writing its outputs")
+        done = counted(start.epoch - 1, "epoch")
+        print(f"the checkpoint has finished its run ({done}, --epochs {config.epochs}): writing its outputs")
 
     saved_at = restored.path if restored else None
     try:

@@ -81,10 +81,9 @@ def predict_probabilities(
     collections = collections or {}
     runs = grid_runs(config)
     chosen = _chosen_runs(runs, swept_settings(config), values or {}, seed)
-    if set(diverged) & set(chosen):
-        chosen = [index for index in chosen if index not in diverged]
-        if not chosen:
-            raise ValueError("the runs chosen diverged in training: their parameters predict nothing; choose others")
+    chosen = [index for index in chosen if index not in diverged]
+    if not chosen:
+        raise ValueError("the runs chosen diverged in training: their parameters predict nothing; choose others")
     init_key = run_keys(config.seed)[0]
     template = create_train_state(
         init_key, settings_model(config).build(init_key), optax.identity(), input_shape=(1, *images.shape[1:])

@@ -144,20 +144,26 @@ class Progress:
 
 
 class DivergenceError(ArithmeticError):
-    """The training loss became NaN, infinite or absurdly large; ``epoch`` and ``step`` say where (from 1)."""
+    """The training loss became NaN, infinite or absurdly large; ``epoch`` and ``step`` say where (from 1).
 
-    def __init__(self, epoch: int, step: int, loss: float, seed: int | None = None, values: dict | None = None,
-                 others: Sequence[str] = ()):  # fmt: skip
+    ``step`` is None when the batch losses stayed finite but an evaluation after the epoch did not (the
+    epoch's last update made the parameters non-finite); ``measured`` then names it, e.g. ``"test loss"``.
+    """
+
+    def __init__(self, epoch: int, step: int | None, loss: float, seed: int | None = None, values: dict | None = None,
+                 others: Sequence[str] = (), measured: str = "loss"):  # fmt: skip
         run = "" if seed is None else f" of seed {seed}"
         if values:
             run = f" of {_run_text(values, seed)}"
         # ``others``: the other runs of a grid whose every run diverged, as "values, seed S"
         also = f" (and of every other run: {_listed(others)})" if others else ""
+        self.where = f"epoch {epoch}, step {step}" if step is not None else f"the end of epoch {epoch}"
         super().__init__(
-            f"training diverged: the loss{run} became {loss:.6g} at epoch {epoch}, step {step}{also}; "
+            f"training diverged: the {measured}{run} became {loss:.6g} at {self.where}{also}; "
             "try a lower `learning_rate` (the lesson uses 0.003)"
         )
         self.epoch, self.step, self.loss, self.seed, self.values = epoch, step, loss, seed, values or {}
+        self.measured = measured
 
 
 def _run_text(values: dict[str, float], seed: int) -> str:
@@ -191,21 +197,46 @@ def _note_divergence(losses: np.ndarray, max_loss: float, epoch: int, position: 
     seeds alone, or a grid with no run left, stop with ``DivergenceError`` naming the first diverged step.
     """
     bad = ~(np.abs(losses) <= max_loss)  # NaN compares False: it counts as diverged
-    newly = [row for row in range(len(runs)) if row not in diverged and bad[row].any()]
-    if not newly:
-        return diverged
     errors = {}
-    for row in newly:
-        step = int(np.argmax(bad[row]))
-        seed = runs[row].seed if len(runs) > 1 else None
-        errors[row] = DivergenceError(epoch, position + step + 1, float(losses[row, step]), seed, runs[row].values)
+    for row in range(len(runs)):
+        if row not in diverged and bad[row].any():
+            step = int(np.argmax(bad[row]))
+            errors[row] = _divergence(runs, row, epoch, position + step + 1, float(losses[row, step]))
+    return _recorded(errors, runs, diverged)
+
+
+def _note_evaluation_divergence(evaluations: dict[str, Metrics], epoch: int, runs: list[GridRun],
+                                diverged: dict[int, str]) -> dict[int, str]:  # fmt: skip
+    """As ``_note_divergence``, for runs whose evaluation losses after the epoch are not finite: the batch
+    losses are taken before each update, so the epoch's last update can leave non-finite parameters unseen."""
+    errors = {}
+    for name, evaluation in evaluations.items():
+        losses = per_run(evaluation["loss"], len(runs))[:, 0]
+        for row in range(len(runs)):
+            if row not in diverged and row not in errors and not np.isfinite(losses[row]):
+                errors[row] = _divergence(runs, row, epoch, None, float(losses[row]), f"{name} loss")
+    return _recorded(errors, runs, diverged)
+
+
+def _divergence(runs: list[GridRun], row: int, epoch: int, step: int | None, loss: float,
+                measured: str = "loss") -> DivergenceError:  # fmt: skip
+    seed = runs[row].seed if len(runs) > 1 else None
+    return DivergenceError(epoch, step, loss, seed, runs[row].values, measured=measured)
+
+
+def _recorded(errors: dict[int, DivergenceError], runs: list[GridRun], diverged: dict[int, str]) -> dict[int, str]:
+    """``diverged`` with the runs of ``errors`` added; raises the first error when a run that is not one of a
+    grid diverged, or when no run of the grid is left."""
+    if not errors:
+        return diverged
+    newly = sorted(errors)
     if not runs[0].values:
         raise errors[newly[0]]
     if len(diverged) + len(newly) == len(runs):
         first = errors[newly[0]]
         others = [_run_text(run.values, run.seed) for row, run in enumerate(runs) if row != newly[0]]
-        raise DivergenceError(first.epoch, first.step, first.loss, first.seed, first.values, others)
-    where = {row: f"epoch {error.epoch}, step {error.step} (loss {error.loss:.6g})" for row, error in errors.items()}
+        raise DivergenceError(first.epoch, first.step, first.loss, first.seed, first.values, others, first.measured)
+    where = {row: f"{error.where} ({error.measured} {error.loss:.6g})" for row, error in errors.items()}
     return {**diverged, **where}
 
 
@@ -367,6 +398,8 @@ def fit(
             if progress.position == steps_per_epoch:
                 images_trained = min((steps_per_epoch - first_position) * config.batch_size, len(images))
                 evaluations = {name: programs.evaluate(state, *data) for name, data in evaluation_sets.items()}
+                diverged = _note_evaluation_divergence(evaluations, progress.epoch, runs, progress.diverged)
+                progress = dataclasses.replace(progress, diverged=diverged)
                 learning_rates = run.learning_rates(config)  # exact, rather than an injected float32 copy
                 if learning_rates is None and "learning_rate" in metrics:
                     learning_rates = per_run(metrics["learning_rate"], len(runs))[:, -1]

@@ -313,6 +313,18 @@ def test_a_grid_whose_every_run_diverged_stops_naming_the_values_and_seed(small_
         list(fit(many, *small_data))
 
 
+def test_a_run_whose_last_update_left_non_finite_parameters_diverged_and_is_never_best(small_data):
+    # One step per epoch: its batch loss is taken before the update, so only the evaluation sees the damage.
+    images = small_data[0][0]
+    config = TrainConfig(epochs=1, batch_size=len(images) - 32, val_split=32, learning_rate=(1e30, 0.01))
+    last = list(fit(config, *small_data))[-1]
+    assert last.diverged == {0: "the end of epoch 1 (test loss nan)"}
+    summaries = summarize(final_results(last.history))
+    assert best_configuration(summaries)[0].values == {"learning_rate": 0.01}
+    with pytest.raises(DivergenceError, match=r"the test loss became nan at the end of epoch 1; try a lower"):
+        list(fit(dataclasses.replace(config, learning_rate=1e30), *small_data))
+
+
 @pytest.mark.slow
 def test_a_grid_goes_on_without_its_diverged_runs_each_other_run_as_alone(small_data, tmp_path: Path):
     config = TrainConfig(epochs=2, batch_size=32, learning_rate=(0.05, 1e4), seeds=2)

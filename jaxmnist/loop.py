@@ -309,7 +309,8 @@ def fit(
             and optimizer.
         steps_per_call: run each epoch in compiled calls of this many steps (default: one call per epoch).
         max_loss: a step whose loss is not finite or above this raises ``DivergenceError`` (checked once
-            per call, no extra host synchronisation); the call is not yielded.
+            per call, no extra host synchronisation), as does an evaluation loss after an epoch that is not
+            finite; the call is not yielded. A grid's run is noted as diverged instead while others go on.
         mesh: a ``jaxmnist.parallel.make_mesh`` mesh to split every batch over its devices.
         model: a flax linen module, an NNX module (an instance trains one seed; a class or function taking
             ``rngs`` builds one per seed), or a function returning either; default: ``config.model`` when

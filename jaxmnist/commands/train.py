@@ -174,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_float,
         default=DEFAULT_MAX_LOSS,
         metavar="X",
-        help=f"stop as diverged when a batch loss is NaN, infinite or above X (default {DEFAULT_MAX_LOSS:g})",
+        help=f"stop as diverged when a batch loss is NaN, infinite or above X, or a test or validation loss is "
+        f"not finite (default {DEFAULT_MAX_LOSS:g})",
     )
     parser.add_argument(
         "--no-compile-cache",

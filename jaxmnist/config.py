@@ -13,6 +13,8 @@ import itertools
 import math
 from typing import Any, Literal
 
+import numpy as np
+
 from jaxmnist.losses import LOSSES
 from jaxmnist.model import ACTIVATIONS
 
@@ -216,6 +218,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             check_setting(field, getattr(self, field.name))
+        self._check_in_dtype_range()
         if self.momentum is not None and self.optimizer not in ("momentum", "nesterov"):
             raise SettingsError(f"`momentum` is for optimizer 'momentum' or 'nesterov', not {self.optimizer!r}")
         if self.weight_decay is not None and self.optimizer != "adamw":
@@ -237,9 +240,30 @@ class TrainConfig:
                 if getattr(self, name) != _DEFAULTS[name]:
                     raise SettingsError(f"`{name}` describes the lesson's MLP, not `model`={self.model}")
 
+    def _check_in_dtype_range(self) -> None:
+        """Every nonzero number setting a normal number of ``dtype``: one outside its range would train as 0,
+        as infinity or with lost digits, while the records show the value given."""
+        limits = np.finfo(self.dtype)
+        tiny, largest = float(limits.tiny), float(limits.max)  # compared as Python floats: no cast to ``dtype``
+        for field in dataclasses.fields(self):
+            if field.metadata["kind"] not in _NUMBER_KINDS:
+                continue
+            value = getattr(self, field.name)
+            for number in value if isinstance(value, tuple) else (value,):
+                if number and not tiny <= number <= largest:
+                    with np.errstate(over="ignore"):
+                        trains_as = float(np.asarray(number, np.float64).astype(self.dtype))
+                    raise SettingsError(
+                        f"`{field.name}`={value_text(number)} is outside {self.dtype}'s range ({tiny:.6g} "
+                        f"to {largest:.6g}): it would train as {value_text(trains_as)}"
+                    )
+
     def resumable_changes(self) -> frozenset[str]:
         """Settings a resumed run may change; the length of a scheduled run shapes its learning rates."""
         return RESUMABLE_CHANGES if self.schedule == "constant" else RESUMABLE_CHANGES - {"epochs"}
+
+
+_NUMBER_KINDS = ("positive_float", "non_negative_float", "fraction")
 
 
 def check_setting(field: dataclasses.Field, value: Any) -> None:

@@ -216,6 +216,13 @@ def test_every_run_holds_its_own_hyperparameters_in_its_state():
         ({"learning_rate": np.float32(0.5)}, "`learning_rate` takes a Python number; got float32 0.5: use float"),
         ({"epochs": np.int64(2)}, "`epochs` takes a Python number; got int64 2: use int(value)"),
         ({"learning_rate": jnp.float32(0.5)}, "`learning_rate` takes a Python number; got float32 0.5: use float"),
+        ({"learning_rate": (1e-46, 0.1)}, "`learning_rate`=1e-46 is outside float32's range (1.17549e-38 to "),
+        (
+            {"learning_rate": 1e39},
+            "`learning_rate`=1e+39 is outside float32's range (1.17549e-38 to 3.40282e+38): it would train as inf",
+        ),
+        ({"dropout": (0.0, 1e-40)}, "`dropout`=1e-40 is outside float32's range"),
+        ({"learning_rate": 1e-320, "dtype": "float64"}, "`learning_rate`=9.99989e-321 is outside float64's range"),
     ],
 )
 def test_bad_grids_are_refused_naming_the_setting(settings, message):
@@ -484,6 +491,10 @@ def test_a_scheduled_grid_s_epoch_line_shows_the_rate_its_runs_share():
         (["--lr", "0.1,0.2", "--val-split", "10", "--save-best", "b.msgpack"], "--save-best: picks one epoch"),
         (["--lr", "0.1,"], "argument --lr: an empty item in the list '0.1,': give numbers between the commas"),
         (["--lr", "0.1,,0.2"], "argument --lr: an empty item in the list '0.1,,0.2'"),
+        (
+            ["--lr", "1e-46,0.1"],
+            "--lr 1e-46 is outside float32's range (1.17549e-38 to 3.40282e+38): it would train as 0",
+        ),
     ],
 )
 def test_bad_grid_flags_are_one_line_exit_2(tiny_mnist_dir: Path, capsys, flags, message):

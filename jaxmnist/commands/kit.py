@@ -211,7 +211,7 @@ def in_flag_terms(message: str, flags: Mapping[str, str]) -> str:
         flag = flags.get(name, name)
         return flag if value in ("", "True", "False") else f"{flag} {value}"
 
-    return re.sub(r"`(\w+)`(?:=('[^']*'|\"[^\"]*\"|[\w.]+))?", flag_for, message)
+    return re.sub(r"`(\w+)`(?:=('[^']*'|\"[^\"]*\"|[\d.]+[eE][+-]?\d+|[\w.]+))?", flag_for, message)
 
 
 def report_error(error: BaseException, flags: Mapping[str, str], debug: bool) -> None:

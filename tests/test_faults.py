@@ -95,6 +95,18 @@ def test_ten_kills_at_moments_the_run_reports_then_the_same_command_ends_like_th
     assert not list(folder.glob(".*.tmp"))
 
 
+def test_a_reader_that_closes_the_pipe_costs_the_run_nothing(small_mnist_dir: Path, uninterrupted, tmp_path: Path):
+    """``python -m jaxmnist.train | head -1``: the reader goes; the run trains on and writes its files."""
+    command = _command(small_mnist_dir, tmp_path / "ck", tmp_path / "m.jsonl")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.close()  # before the run writes anything: every line it prints meets a closed pipe
+    errors = process.stderr.read()
+    assert process.wait() == 0, errors
+    assert errors == ""
+    losses, params = uninterrupted
+    assert _losses(tmp_path / "m.jsonl") == losses and _final_params(tmp_path / "ck") == params
+
+
 def test_a_truncated_newest_checkpoint_is_skipped_naming_it(small_mnist_dir: Path, uninterrupted, tmp_path: Path):
     command = _command(small_mnist_dir, tmp_path / "ck", tmp_path / "m.jsonl")
     first = subprocess.run([*command[:-2], "--epochs", "2", command[-1]], capture_output=True, text=True)

@@ -4,11 +4,13 @@ and turning library errors (which name API arguments) into messages that name fl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import math
+import os
 import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -225,3 +227,45 @@ def report_internal_error(error: BaseException) -> None:
     """A bug or an environment fault: one line, and how to see more."""
     first_line = str(error).splitlines()[0] if str(error) else ""
     print(f"internal error: {type(error).__name__}: {first_line} (run with --debug for the traceback)", file=sys.stderr)
+
+
+class _OutputToNowhereOnceClosed:
+    """A text stream that, once its reader has gone (``... | head``), sends what follows to nowhere: a closed
+    pipe must not cost a run its checkpoints, files and table."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._to_nowhere()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._to_nowhere()
+
+    def _to_nowhere(self) -> None:
+        # The stream's own file descriptor now points at the null device: its buffered text and every later
+        # write and flush (the interpreter's last one at exit included) go there without an error.
+        nowhere = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(nowhere, self._stream.fileno())
+        os.close(nowhere)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def output_outliving_its_reader() -> Iterator[None]:
+    """``sys.stdout`` that keeps the command going when its reader closes the pipe, within the block."""
+    stdout = sys.stdout
+    sys.stdout = _OutputToNowhereOnceClosed(stdout)
+    try:
+        yield
+    finally:
+        sys.stdout = stdout

@@ -23,6 +23,7 @@ from jaxmnist.commands.kit import (
     in_flag_terms,
     non_negative_int,
     one_choice,
+    output_outliving_its_reader,
     positive_float,
     positive_int,
     report_error,
@@ -229,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from jaxmnist.runs import RunError
 
     try:
-        with GracefulStop() as stop:
+        with GracefulStop() as stop, output_outliving_its_reader():
             return run_in_worker(run, args, argv, config, stop)
     except (DataError, CheckpointError, OutputError, DivergenceError, DeviceError, SettingsError, ModelSpecError,
             RunError) as error:  # fmt: skip

@@ -260,6 +260,11 @@ class Reporter:
             lines = "".join(json.dumps(metrics_record(result)) + "\n" for result in self.history)
             write_output(self.metrics_out, lines.encode())
 
+    def flush(self) -> None:
+        """What is written so far onto disk: TensorBoard's buffered events (the other files are whole)."""
+        if self.tensorboard is not None:
+            self.tensorboard.flush()
+
     def close(self) -> None:
         self.bar.close()
         if self.tensorboard is not None:

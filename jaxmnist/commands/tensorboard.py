@@ -70,6 +70,11 @@ class TensorBoardLog:
             if going:
                 _epoch_scalars(writer, going)
 
+    def flush(self) -> None:
+        """Every event so far onto disk (before a checkpoint: a run killed after it resumes from there)."""
+        for writer, _, _ in self.groups:
+            writer.flush()
+
     def close(self, history: tuple[EpochResult, ...]) -> None:
         diverged = diverged_runs(history)
         for writer, _, values in self.groups:

@@ -279,6 +279,7 @@ def test_resuming_a_finished_run_writes_the_outputs_it_missed(small_mnist_dir: P
     outputs = ["--save", str(tmp_path / "s.msgpack"), "--metrics-out", str(tmp_path / "m.jsonl")]
     assert train_exit_code(small_mnist_dir, *flags, "--resume", *outputs) == 0
     said = capsys.readouterr().out
+    assert f"resuming from {checkpoint_paths(tmp_path / 'ck')[-1]}: the end of epoch 2\n" in said
     assert "the checkpoint has finished its run (2 epochs, --epochs 2): writing its outputs" in said
     assert said.split("after 2 epochs")[1].startswith(table)  # the same table, from the checkpoint's history
     assert f"trained parameters written to {tmp_path / 's.msgpack'}" in said

@@ -175,7 +175,10 @@ def _resume(args: argparse.Namespace, config: TrainConfig, template):
     if restored is None:
         print(f"no checkpoint in {args.checkpoint_dir} yet: starting a new run", flush=True)
         return None
-    where = f"epoch {restored.progress.epoch}, {restored.progress.position} steps into it"
+    epoch, position = restored.progress.epoch, restored.progress.position
+    where = f"epoch {epoch}, {position} steps into it"
+    if position == 0 and epoch > 1:
+        where = f"the end of epoch {epoch - 1}"
     print(f"resuming from {restored.path}: {where}", flush=True)
     return restored
 

@@ -601,7 +601,7 @@ def test_a_grid_writes_one_tensorboard_folder_per_configuration_and_one_plot_ban
     assert folders == [f"learning_rate={rate},momentum={momentum}" for rate in (0.01, 0.05) for momentum in (0.5, 0.9)]
     for folder in folders:
         tags = {value.tag for event in _events(tmp_path / "tb" / folder) for value in event.summary.value}
-        assert {"epoch/val_loss", "epoch/val_loss_min", "epoch/train_loss_max", "batch/loss"} <= tags
+        assert {"epoch/val_loss", "epoch/val_loss_min", "epoch/train_loss_max", "batch/loss", "hparam/val_loss"} <= tags
     assert Image.open(tmp_path / "grid.png").size[0] > 0
 
 

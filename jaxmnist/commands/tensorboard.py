@@ -109,6 +109,8 @@ def _hparams(writer, config: TrainConfig, values: dict[str, float], history: lis
         "hparam/test_accuracy": float(np.mean([result.test_accuracy for result in last])),
         "hparam/train_loss": float(np.mean([result.train_loss for result in last])),
     }
+    if last[0].val_loss is not None:  # what a grid's best configuration is chosen on
+        metrics["hparam/val_loss"] = float(np.mean([result.val_loss for result in last]))
     best = None if values else best_epoch(history)
     if best is not None:
         metrics.update({"hparam/best_val_loss": best.val_loss, "hparam/best_epoch": best.epoch})

@@ -273,6 +273,13 @@ def check_setting(field: dataclasses.Field, value: Any) -> None:
         return
     kind, choices = field.metadata["kind"], field.metadata["choices"]
     name = f"`{field.name}`"
+    if isinstance(value, tuple) and kind != "sizes":
+        fields = dataclasses.fields(TrainConfig)
+        sweepable = ", ".join(f"`{each.name}`" for each in fields if each.metadata["sweepable"])
+        raise SettingsError(
+            f"{name} takes one value: tuples (a grid) are for {sweepable} (several seeds: `seeds`); "
+            f"run each {name} as its own run"
+        )
     if isinstance(value, list) and field.metadata["sweepable"]:
         raise SettingsError(f"{name} takes a number, or a tuple of numbers for a grid; got a list: {value!r}")
     if hasattr(value, "dtype") and getattr(value, "shape", None) == ():  # numpy's float32 or a JAX scalar, say

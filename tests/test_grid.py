@@ -216,6 +216,11 @@ def test_every_run_holds_its_own_hyperparameters_in_its_state():
         ({"learning_rate": np.float32(0.5)}, "`learning_rate` takes a Python number; got float32 0.5: use float"),
         ({"epochs": np.int64(2)}, "`epochs` takes a Python number; got int64 2: use int(value)"),
         ({"learning_rate": jnp.float32(0.5)}, "`learning_rate` takes a Python number; got float32 0.5: use float"),
+        (
+            {"batch_size": (32, 64)},
+            "`batch_size` takes one value: tuples (a grid) are for `learning_rate`, "
+            "`momentum`, `weight_decay`, `dropout` (several seeds: `seeds`); run each `batch_size` as its own run",
+        ),
         ({"learning_rate": (1e-46, 0.1)}, "`learning_rate`=1e-46 is outside float32's range (1.17549e-38 to "),
         (
             {"learning_rate": 1e39},

@@ -107,26 +107,6 @@ def test_a_reader_that_closes_the_pipe_costs_the_run_nothing(small_mnist_dir: Pa
     assert _losses(tmp_path / "m.jsonl") == losses and _final_params(tmp_path / "ck") == params
 
 
-def test_tensorboard_keeps_every_batch_loss_of_a_run_killed_and_resumed(small_mnist_dir: Path, tmp_path: Path):
-    pytest.importorskip("tensorboardX", reason="pip install 'jaxmnist[tensorboard]'")
-    from test_training_tool import _events
-
-    def batch_loss_steps(folder: Path) -> set[int]:
-        return {event.step for event in _events(folder) for value in event.summary.value if value.tag == "batch/loss"}
-
-    def logged(folder: Path) -> list[str]:
-        tensorboard = ["--tensorboard", str(folder / "tb"), "--tensorboard-every", "5"]
-        return _command(small_mnist_dir, folder / "ck", folder / "m.jsonl", *tensorboard)
-
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    assert subprocess.run(logged(whole), capture_output=True).returncode == 0
-    command = logged(killed)
-    killed.mkdir()
-    assert _kill_when(command, killed / "run.log", lambda log: _newest_step(killed / "ck") >= 100)
-    assert subprocess.run(command, capture_output=True).returncode == 0
-    assert batch_loss_steps(killed / "tb") == batch_loss_steps(whole / "tb") == set(range(5, 3 * 75 + 1, 5))
-
-
 def test_a_truncated_newest_checkpoint_is_skipped_naming_it(small_mnist_dir: Path, uninterrupted, tmp_path: Path):
     command = _command(small_mnist_dir, tmp_path / "ck", tmp_path / "m.jsonl")
     first = subprocess.run([*command[:-2], "--epochs", "2", command[-1]], capture_output=True, text=True)

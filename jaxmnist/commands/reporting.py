@@ -261,7 +261,7 @@ class Reporter:
             write_output(self.metrics_out, lines.encode())
 
     def flush(self) -> None:
-        """What is written so far onto disk: TensorBoard's buffered events (the other files are whole)."""
+        """TensorBoard's buffered events onto disk (the other files are written whole)."""
         if self.tensorboard is not None:
             self.tensorboard.flush()
 

@@ -71,7 +71,8 @@ class TensorBoardLog:
                 _epoch_scalars(writer, going)
 
     def flush(self) -> None:
-        """Every event so far onto disk (before a checkpoint: a run killed after it resumes from there)."""
+        """The event files' buffers onto disk (before a checkpoint: a run killed after it resumes from there);
+        tensorboardX's writer thread may still hold the newest events in its queue."""
         for writer, _, _ in self.groups:
             writer.flush()
 

@@ -105,6 +105,13 @@ def test_a_reader_that_closes_the_pipe_costs_the_run_nothing(small_mnist_dir: Pa
     assert errors == ""
     losses, params = uninterrupted
     assert _losses(tmp_path / "m.jsonl") == losses and _final_params(tmp_path / "ck") == params
+    # ``2>&1 | head -1`` on a grid with a diverged run: its warning goes to stderr, into the closed pipe too.
+    grid = _command(small_mnist_dir, tmp_path / "grid", tmp_path / "grid.jsonl", "--lr", "0.05,10000")
+    process = subprocess.Popen(grid, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    process.stdout.close()
+    assert process.wait() == 0
+    records = [json.loads(line) for line in (tmp_path / "grid.jsonl").read_text().splitlines()]
+    assert len(records) == 3 * 2 and records[-1]["diverged"].startswith("epoch 1, step ")
 
 
 def test_a_truncated_newest_checkpoint_is_skipped_naming_it(small_mnist_dir: Path, uninterrupted, tmp_path: Path):

@@ -262,10 +262,11 @@ class _OutputToNowhereOnceClosed:
 
 @contextlib.contextmanager
 def output_outliving_its_reader() -> Iterator[None]:
-    """``sys.stdout`` that keeps the command going when its reader closes the pipe, within the block."""
-    stdout = sys.stdout
-    sys.stdout = _OutputToNowhereOnceClosed(stdout)
+    """``sys.stdout`` and ``sys.stderr`` that keep the command going when their reader closes the pipe
+    (``2>&1 | head`` included), within the block."""
+    stdout, stderr = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _OutputToNowhereOnceClosed(stdout), _OutputToNowhereOnceClosed(stderr)
     try:
         yield
     finally:
-        sys.stdout = stdout
+        sys.stdout, sys.stderr = stdout, stderr

@@ -229,18 +229,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     from jaxmnist.parallel import DeviceError
     from jaxmnist.runs import RunError
 
-    try:
-        with GracefulStop() as stop, output_outliving_its_reader():
-            return run_in_worker(run, args, argv, config, stop)
-    except (DataError, CheckpointError, OutputError, DivergenceError, DeviceError, SettingsError, ModelSpecError,
-            RunError) as error:  # fmt: skip
-        report_error(error, flags, args.debug)
-        return EXIT_FAILURE if isinstance(error, DivergenceError) else EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Exception as error:  # a bug or an environment fault: one line unless --debug
-        if args.debug:
-            raise
-        report_internal_error(error)
-        return EXIT_FAILURE
+    with output_outliving_its_reader():  # the one-line errors too
+        try:
+            with GracefulStop() as stop:
+                return run_in_worker(run, args, argv, config, stop)
+        except (DataError, CheckpointError, OutputError, DivergenceError, DeviceError, SettingsError, ModelSpecError,
+                RunError) as error:  # fmt: skip
+            report_error(error, flags, args.debug)
+            return EXIT_FAILURE if isinstance(error, DivergenceError) else EXIT_BAD_INPUT
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except Exception as error:  # a bug or an environment fault: one line unless --debug
+            if args.debug:
+                raise
+            report_internal_error(error)
+            return EXIT_FAILURE

@@ -253,9 +253,10 @@ class TrainConfig:
                 if number and not tiny <= number <= largest:
                     with np.errstate(over="ignore"):
                         trains_as = float(np.asarray(number, np.float64).astype(self.dtype))
+                    outcome = f"as {trains_as:g}" if trains_as in (0, float("inf")) else "with lost digits"
                     raise SettingsError(
                         f"`{field.name}`={value_text(number)} is outside {self.dtype}'s range ({tiny:.6g} "
-                        f"to {largest:.6g}): it would train as {value_text(trains_as)}"
+                        f"to {largest:.6g}): it would train {outcome}"
                     )
 
     def resumable_changes(self) -> frozenset[str]:
@@ -276,9 +277,9 @@ def check_setting(field: dataclasses.Field, value: Any) -> None:
     if isinstance(value, tuple) and kind != "sizes":
         fields = dataclasses.fields(TrainConfig)
         sweepable = ", ".join(f"`{each.name}`" for each in fields if each.metadata["sweepable"])
+        seeds = "" if field.name == "seeds" else " (several seeds: `seeds`)"
         raise SettingsError(
-            f"{name} takes one value: tuples (a grid) are for {sweepable} (several seeds: `seeds`); "
-            f"run each {name} as its own run"
+            f"{name} takes one value: tuples (a grid) are for {sweepable}{seeds}; run each {name} as its own run"
         )
     if isinstance(value, list) and field.metadata["sweepable"]:
         raise SettingsError(f"{name} takes a number, or a tuple of numbers for a grid; got a list: {value!r}")

@@ -226,7 +226,10 @@ def test_every_run_holds_its_own_hyperparameters_in_its_state():
             {"learning_rate": 1e39},
             "`learning_rate`=1e+39 is outside float32's range (1.17549e-38 to 3.40282e+38): it would train as inf",
         ),
-        ({"dropout": (0.0, 1e-40)}, "`dropout`=1e-40 is outside float32's range"),
+        (
+            {"dropout": (0.0, 1e-40)},
+            "`dropout`=1e-40 is outside float32's range (1.17549e-38 to 3.40282e+38): it would train with lost digits",
+        ),
         ({"learning_rate": 1e-320, "dtype": "float64"}, "`learning_rate`=9.99989e-321 is outside float64's range"),
     ],
 )

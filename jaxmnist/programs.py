@@ -18,7 +18,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from jaxmnist.config import TrainConfig, num_runs
 from jaxmnist.parallel import BATCH_AXIS, batch_sharded, padded_batch_width
-from jaxmnist.runs import epoch_key, grid_runs, run_keys
+from jaxmnist.runs import available_bytes, epoch_key, evaluation_bytes, grid_runs, run_keys
 from jaxmnist.train import (
     TrainState,
     epoch_batch_indices,
@@ -55,6 +55,8 @@ class Programs:
         self.runs_mesh = mesh if self.vmapped else None
         # (``devices()`` may be the sharding's own set: read it, never pop it)
         self.on_cpu = next(iter(jax.tree.leaves(state)[0].devices())).platform == "cpu"
+        # An accelerator trains a device's runs side by side, as one vmapped group.
+        self.training_group = CPU_RUNS_PER_GROUP if self.on_cpu else None
         self.steps_per_epoch = num_batches(images.shape[0], config.batch_size)
         self.width = padded_batch_width(config.batch_size, self.mesh)
         self.data_keys = [run_keys(run.seed)[1] for run in grid_runs(config)]
@@ -76,10 +78,29 @@ class Programs:
                 program = self._chunk_program(length)
                 self._chunk_calls[length] = program.lower(state, images, labels, indices, mask, 0).compile()
         self.compile_seconds = time.perf_counter() - started
-        # On a CPU the runs are evaluated one after another: a run's own large GEMM beats the runs' batched
-        # GEMMs and their transposes (8 runs on 10,000 images: 0.25 s against 0.32 s).
-        over_runs = self._over_runs(evaluate, (0, None, None), runs_per_group=1)
-        self.evaluate = jax.jit(over_runs) if self.vmapped else evaluate
+        self._evaluations: dict[tuple[int, ...], Callable] = {}  # by the evaluation images' shape
+
+    def evaluate(self, state: TrainState, images: jax.Array, labels: jax.Array) -> Metrics:
+        """``evaluate`` of every run on ``images`` (normalized) and ``labels``."""
+        if not self.vmapped:
+            return evaluate(state, images, labels)
+        if images.shape not in self._evaluations:  # traced and sized once per evaluation set
+            together = self.runs_evaluated_together(state, images)
+            self._evaluations[images.shape] = jax.jit(self._over_runs(evaluate, (0, None, None), together))
+        return self._evaluations[images.shape](state, images, labels)
+
+    def runs_evaluated_together(self, state: TrainState, images: jax.Array) -> int | None:
+        """How many runs one vmapped evaluation takes at once (None: all of a device's runs).
+
+        On a CPU one after another: a run's own large GEMM beats the runs' batched GEMMs and their
+        transposes (8 runs on 10,000 images: 0.25 s against 0.32 s). On an accelerator as many as half its
+        free memory holds: every run's activations over the whole test set may not fit at once.
+        """
+        if self.on_cpu:
+            return 1
+        one_run = jax.eval_shape(partial(jax.tree.map, lambda leaf: leaf[0]), state)
+        free = available_bytes()
+        return None if free is None else max(1, free // 2 // max(1, evaluation_bytes(one_run, images)))
 
     def epoch_keys(self, epoch: int) -> jax.Array:
         """The shuffle key of ``epoch`` for every run (stacked when there are several)."""
@@ -122,25 +143,26 @@ class Programs:
         epoch = partial(train_epoch, batch_size=self.config.batch_size, mesh=self.mesh)
         if not self.vmapped:
             return jax.jit(epoch, donate_argnums=0)
-        return jax.jit(self._over_runs(epoch, (0, None, None, 0)), donate_argnums=0)
+        return jax.jit(self._over_runs(epoch, (0, None, None, 0), self.training_group), donate_argnums=0)
 
     def _chunk_program(self, num_steps: int):
         """``train_chunk`` of ``num_steps`` taking ``(state, images, labels, indices, mask, first_step)``."""
         chunk = partial(train_chunk, num_steps=num_steps, mesh=self.mesh)
         if not self.vmapped:
             return jax.jit(chunk, donate_argnums=0)
-        return jax.jit(self._over_runs(chunk, (0, None, None, 0, 0, None)), donate_argnums=0)
+        return jax.jit(self._over_runs(chunk, (0, None, None, 0, 0, None), self.training_group), donate_argnums=0)
 
-    def _over_runs(self, call, in_axes: tuple[int | None, ...], runs_per_group: int = CPU_RUNS_PER_GROUP):
-        """``call`` of one run over every run: under ``vmap``; on a CPU in groups of ``runs_per_group`` runs,
-        one group after another; over several devices, each device's own runs (``shard_map``)."""
+    def _over_runs(self, call, in_axes: tuple[int | None, ...], runs_per_group: int | None):
+        """``call`` of one run over every run: under ``vmap``, in groups of ``runs_per_group`` runs, one group
+        after another (None: all at once); over several devices, each device's own runs (``shard_map``)."""
         vmapped = jax.vmap(call, in_axes=in_axes)
         per_run = [index for index, axis in enumerate(in_axes) if axis == 0]
 
         def grouped(*args):
             runs = jax.tree.leaves(args[per_run[0]])[0].shape[0]
-            group = max(size for size in range(1, runs_per_group + 1) if runs % size == 0)
-            if not self.on_cpu or group == runs > 1:
+            largest = runs if runs_per_group is None else min(runs_per_group, runs)
+            group = max(size for size in range(1, largest + 1) if runs % size == 0)
+            if group == runs > 1:
                 return vmapped(*args)
 
             def with_runs(group_args, function):

@@ -359,6 +359,20 @@ def _step_bytes(config: TrainConfig, state: TrainState) -> int:
         return _bytes(state.params)
 
 
+def evaluation_bytes(state: TrainState, images: jax.Array | jax.ShapeDtypeStruct) -> int:
+    """About what evaluating one run like ``state`` (one run's, or its shapes) on ``images`` holds at its peak:
+    the activations of its forward pass over every image, traced on shapes (an upper bound: they are what
+    a training step would keep for its backward pass)."""
+    batch = {
+        "image": jax.ShapeDtypeStruct(images.shape, images.dtype),
+        "label": jax.ShapeDtypeStruct(images.shape[:1], jnp.int32),
+    }
+    try:
+        return _bytes(jax.eval_shape(saved_for_backward, state, batch))
+    except _NEEDS_VALUES:  # a model that cannot be traced on shapes: the images' size as a floor
+        return images.size * images.dtype.itemsize
+
+
 def _bytes(tree) -> int:
     """The bytes of the arrays (or their shapes alone) of ``tree``."""
     return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree))

@@ -179,6 +179,29 @@ def test_each_run_of_a_grid_is_evaluated_to_the_bit_as_alone(small_data):
         chex.assert_trees_all_equal(jax.tree.map(lambda metric, row=row: metric[row], grid), alone)
 
 
+def test_an_accelerator_evaluates_as_many_runs_at_once_as_half_its_free_memory_holds(small_data, monkeypatch):
+    import jaxmnist.programs
+    import jaxmnist.runs
+
+    config = TrainConfig(batch_size=32, learning_rate=(0.01, 0.03, 0.1, 0.3), seeds=2, loop="step")
+    state = initial_state(config, build_run(config, (28, 28), 256))
+    (train_images, train_labels), (images, labels) = small_data[0], make_digits(1000, seed=9)
+    programs = Programs(config, state, jnp.asarray(train_images), jnp.asarray(train_labels), 1, mesh=None)
+    normalized = normalize(jnp.asarray(images), jnp.float32)
+    programs.on_cpu = False  # as on an accelerator, where runs are vmapped
+    one_run = jax.tree.map(lambda leaf: leaf[0], state)
+    per_run = jaxmnist.runs.evaluation_bytes(one_run, normalized)
+    assert per_run >= 1000 * (128 + 64) * 4  # at least the hidden activations of every image
+    monkeypatch.setattr(jaxmnist.programs, "available_bytes", lambda: 2 * 3 * per_run + 1)
+    assert programs.runs_evaluated_together(state, normalized) == 3  # groups of 2 then: 3 does not divide 8
+    grid = programs.evaluate(state, normalized, jnp.asarray(labels))
+    for row in range(num_runs(config)):
+        alone = evaluate(jax.tree.map(lambda leaf, row=row: leaf[row], state), normalized, jnp.asarray(labels))
+        chex.assert_trees_all_close(jax.tree.map(lambda metric, row=row: metric[row], grid), alone, rtol=1e-6)
+    monkeypatch.setattr(jaxmnist.programs, "available_bytes", lambda: None)
+    assert programs.runs_evaluated_together(state, normalized) is None  # unknown: all at once, as before
+
+
 def test_the_runs_are_every_combination_of_the_values_times_the_seeds():
     config = TrainConfig(optimizer="momentum", learning_rate=(0.1, 0.2, 0.3), momentum=(0.5, 0.9), seeds=2, seed=7)
     runs = grid_runs(config)

@@ -33,6 +33,7 @@ from jaxmnist.runs import (
     check_images,
     check_labels,
     count_classes,
+    first_run_shapes,
     grid_runs,
     hold_out,
     initial_state,
@@ -345,7 +346,7 @@ def fit(
     progress = start_of_run(config, run, runs_sharding) if start is None else start
     one_run_state = progress.state  # of several runs, the first one's shapes: the checks need no more
     if len(runs) > 1:
-        one_run_state = jax.eval_shape(partial(jax.tree.map, lambda leaf: leaf[0]), progress.state)
+        one_run_state = first_run_shapes(progress.state)
     try:  # several runs split over the devices, not the batch: no padding then
         check_padding_leaves_statistics_exact(one_run_state, config.batch_size, mesh if len(runs) == 1 else None)
     except ValueError as error:

@@ -18,7 +18,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from jaxmnist.config import TrainConfig, num_runs
 from jaxmnist.parallel import BATCH_AXIS, batch_sharded, padded_batch_width
-from jaxmnist.runs import available_bytes, epoch_key, evaluation_bytes, grid_runs, run_keys
+from jaxmnist.runs import available_bytes, epoch_key, evaluation_bytes, first_run_shapes, grid_runs, run_keys
 from jaxmnist.train import (
     TrainState,
     epoch_batch_indices,
@@ -98,9 +98,8 @@ class Programs:
         """
         if self.on_cpu:
             return 1
-        one_run = jax.eval_shape(partial(jax.tree.map, lambda leaf: leaf[0]), state)
         free = available_bytes()
-        return None if free is None else max(1, free // 2 // max(1, evaluation_bytes(one_run, images)))
+        return None if free is None else max(1, free // 2 // evaluation_bytes(first_run_shapes(state), images))
 
     def epoch_keys(self, epoch: int) -> jax.Array:
         """The shuffle key of ``epoch`` for every run (stacked when there are several)."""

@@ -348,29 +348,36 @@ def estimated_bytes(config: TrainConfig, state: TrainState, num_train_images: in
 def _step_bytes(config: TrainConfig, state: TrainState) -> int:
     """What one training step of one run like ``state`` holds at its peak, on shapes alone: the values its
     forward pass keeps for the backward pass (a convolution's activations, say) and the gradients."""
-    batch = {
-        "image": jax.ShapeDtypeStruct((config.batch_size, *state.image_shape), param_dtype(state)),
-        "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32),
-        "mask": jax.ShapeDtypeStruct((config.batch_size,), jnp.bool_),
-    }
-    try:
-        return _bytes(jax.eval_shape(saved_for_backward, state, batch)) + _bytes(state.params)
-    except _NEEDS_VALUES:  # a step that cannot be traced cannot be compiled either: its own error says why
-        return _bytes(state.params)
+    images = jax.ShapeDtypeStruct((config.batch_size, *state.image_shape), param_dtype(state))
+    return _kept_for_backward_bytes(state, images) + _bytes(state.params)
 
 
 def evaluation_bytes(state: TrainState, images: jax.Array | jax.ShapeDtypeStruct) -> int:
     """About what evaluating one run like ``state`` (one run's, or its shapes) on ``images`` holds at its peak:
     the activations of its forward pass over every image, traced on shapes (an upper bound: they are what
-    a training step would keep for its backward pass)."""
+    a training step would keep for its backward pass); at least the images' own size."""
+    return _kept_for_backward_bytes(state, images) or images.size * images.dtype.itemsize
+
+
+def _kept_for_backward_bytes(state: TrainState, images: jax.Array | jax.ShapeDtypeStruct) -> int:
+    """The bytes a training step's forward pass over ``images`` keeps for its backward pass, on shapes alone;
+    0 for a model that cannot be traced on shapes (its compilation, which cannot trace it either, says why)."""
+    examples = images.shape[:1]
     batch = {
         "image": jax.ShapeDtypeStruct(images.shape, images.dtype),
-        "label": jax.ShapeDtypeStruct(images.shape[:1], jnp.int32),
+        "label": jax.ShapeDtypeStruct(examples, jnp.int32),
+        "mask": jax.ShapeDtypeStruct(examples, jnp.bool_),
     }
     try:
         return _bytes(jax.eval_shape(saved_for_backward, state, batch))
-    except _NEEDS_VALUES:  # a model that cannot be traced on shapes: the images' size as a floor
-        return images.size * images.dtype.itemsize
+    except _NEEDS_VALUES:
+        return 0
+
+
+def first_run_shapes(state: TrainState) -> TrainState:
+    """The shapes (``jax.ShapeDtypeStruct`` leaves) of the first run of a state stacked over runs: what checks
+    and estimates need of one run, without slicing it out."""
+    return jax.eval_shape(partial(jax.tree.map, lambda leaf: leaf[0]), state)
 
 
 def _bytes(tree) -> int:

@@ -30,6 +30,7 @@ from jaxmnist.train import (
     train_epoch,
     train_step,
 )
+from jaxmnist.train.convolutions import COMPILER_OPTIONS
 from jaxmnist.train.steps import Metrics
 
 _batch_indices = jax.jit(epoch_batch_indices, static_argnums=(1, 2, 3))
@@ -68,8 +69,9 @@ class Programs:
         indices, mask = (None, None) if whole_epochs else self.batch_indices(first_keys)
         started = time.perf_counter()
         if config.loop == "step":
-            step = jax.jit(jax.vmap(train_step), donate_argnums=0) if self.vmapped else train_step
-            self.step = step.lower(state, self._batch(state, indices, mask, 0)).compile()
+            step = jax.vmap(train_step) if self.vmapped else train_step
+            self.step = jax.jit(step, donate_argnums=0 if self.vmapped else (), compiler_options=COMPILER_OPTIONS)
+            self.step = self.step.lower(state, self._batch(state, indices, mask, 0)).compile()
         elif whole_epochs:
             self.epoch = self._epoch_program().lower(state, images, labels, first_keys).compile()
         else:  # the calls' length and the epoch's shorter last call, if any: both before the first step
@@ -82,11 +84,11 @@ class Programs:
 
     def evaluate(self, state: TrainState, images: jax.Array, labels: jax.Array) -> Metrics:
         """``evaluate`` of every run on ``images`` (normalized) and ``labels``."""
-        if not self.vmapped:
-            return evaluate(state, images, labels)
         if images.shape not in self._evaluations:  # traced and sized once per evaluation set
-            together = self.runs_evaluated_together(state, images)
-            self._evaluations[images.shape] = jax.jit(self._over_runs(evaluate, (0, None, None), together))
+            call = evaluate
+            if self.vmapped:
+                call = self._over_runs(evaluate, (0, None, None), self.runs_evaluated_together(state, images))
+            self._evaluations[images.shape] = jax.jit(call, compiler_options=COMPILER_OPTIONS)
         return self._evaluations[images.shape](state, images, labels)
 
     def runs_evaluated_together(self, state: TrainState, images: jax.Array) -> int | None:
@@ -141,15 +143,23 @@ class Programs:
         """``train_epoch`` taking ``(state, images, labels, keys)``; under ``vmap`` for several runs."""
         epoch = partial(train_epoch, batch_size=self.config.batch_size, mesh=self.mesh)
         if not self.vmapped:
-            return jax.jit(epoch, donate_argnums=0)
-        return jax.jit(self._over_runs(epoch, (0, None, None, 0), self.training_group), donate_argnums=0)
+            return jax.jit(epoch, donate_argnums=0, compiler_options=COMPILER_OPTIONS)
+        return jax.jit(
+            self._over_runs(epoch, (0, None, None, 0), self.training_group),
+            donate_argnums=0,
+            compiler_options=COMPILER_OPTIONS,
+        )
 
     def _chunk_program(self, num_steps: int):
         """``train_chunk`` of ``num_steps`` taking ``(state, images, labels, indices, mask, first_step)``."""
         chunk = partial(train_chunk, num_steps=num_steps, mesh=self.mesh)
         if not self.vmapped:
-            return jax.jit(chunk, donate_argnums=0)
-        return jax.jit(self._over_runs(chunk, (0, None, None, 0, 0, None), self.training_group), donate_argnums=0)
+            return jax.jit(chunk, donate_argnums=0, compiler_options=COMPILER_OPTIONS)
+        return jax.jit(
+            self._over_runs(chunk, (0, None, None, 0, 0, None), self.training_group),
+            donate_argnums=0,
+            compiler_options=COMPILER_OPTIONS,
+        )
 
     def _over_runs(self, call, in_axes: tuple[int | None, ...], runs_per_group: int | None):
         """``call`` of one run over every run: under ``vmap``, in groups of ``runs_per_group`` runs, one group

@@ -19,6 +19,7 @@ from jaxmnist.losses import accuracy
 from jaxmnist.normalization import normalize
 from jaxmnist.parallel import padded_batch_width, shard_batch
 from jaxmnist.train.adapters import ANY_KEYWORD, split_outputs
+from jaxmnist.train.convolutions import canonical_convolutions
 from jaxmnist.train.state import TrainState, current_learning_rate, param_dtype
 
 Batch = Mapping[str, jax.Array]
@@ -86,6 +87,7 @@ def _check_batch(batch: Batch, image_shape: tuple[int, ...]) -> jax.Array:
 
 
 @jax.jit
+@canonical_convolutions
 def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     """One optimizer step: ``jax.value_and_grad`` of the batch loss, then the optimizer's update.
 
@@ -141,6 +143,7 @@ def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
 
 
 @jax.jit
+@canonical_convolutions
 def evaluate(state: TrainState, images: jax.Array, labels: jax.Array, mask: jax.Array | None = None) -> Metrics:
     """Mean loss and accuracy in inference mode (running statistics, no dropout): deterministic.
 

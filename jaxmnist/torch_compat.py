@@ -29,6 +29,24 @@ def lesson_model(hidden_sizes: Sequence[int] = (128, 64), log_softmax: bool = Tr
     return nn.Sequential(*layers)
 
 
+def reference_cnn(name: str) -> Any:
+    """The PyTorch network of one of ``jaxmnist.cnns``' models, layer for layer (images ``(B, 1, 28, 28)``):
+    ``"PyTorchExampleNet"`` (PyTorch's ``examples/mnist``, log-probabilities out) or ``"FlaxExampleCNN"``."""
+    from torch import nn
+
+    if name == "PyTorchExampleNet":
+        return nn.Sequential(
+            nn.Conv2d(1, 32, 3), nn.ReLU(), nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(0.25),
+            nn.Flatten(), nn.Linear(9216, 128), nn.ReLU(), nn.Dropout(0.5), nn.Linear(128, 10), nn.LogSoftmax(dim=1),
+        )  # fmt: skip
+    if name == "FlaxExampleCNN":
+        return nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+            nn.AvgPool2d(2), nn.Flatten(), nn.Linear(3136, 256), nn.ReLU(), nn.Linear(256, 10),
+        )  # fmt: skip
+    raise ValueError(f"`name` must be 'PyTorchExampleNet' or 'FlaxExampleCNN', got {name!r}")
+
+
 def params_from_torch(state_dict: Mapping[str, Any]) -> dict[str, dict[str, jnp.ndarray]]:
     """jaxmnist ``MLP`` params from the Sequential's state dict (``N.weight`` is ``(out, in)``: transposed).
 

@@ -18,6 +18,7 @@ time with a cold and a warm compilation cache, and the peak RSS of a 5-epoch CLI
 
     python scripts/benchmark.py --seeds 16 --epochs 2   # N seeds together vs apart, beside the GEMM floor
     python scripts/benchmark.py --grid 0.001,0.003,0.01,0.03 --seeds 4 --epochs 2   # a grid in one program
+    python scripts/benchmark.py --cnn    # two MNIST CNNs: the train command against PyTorch of the same network
 
 ``--seeds N`` times N seeds in one vmapped program against N single-seed runs one after another (in one
 process, and as N commands with a fresh compilation cache) and N tuned PyTorch runs; the floor is the
@@ -434,6 +435,15 @@ def main() -> int:
         help="instead: these learning rates x --seeds as one command against one command per run, the peak RSS of "
         "64 runs, and the epoch per run of 16 and 64 runs in one program beside a single run's",
     )
+    parser.add_argument(
+        "--cnn",
+        action="store_true",
+        help="instead: PyTorch's and flax's MNIST CNNs through the train command (scan and --loop step) against "
+        "tuned eager PyTorch and torch.compile of the same networks (scripts/cnn_benchmark.py)",
+    )
+    parser.add_argument(
+        "--cnn-images", type=int, default=60_000, help="training images an epoch for --cnn (default 60000)"
+    )
     parser.add_argument("--rates", default="", help=argparse.SUPPRESS)
     parser.add_argument("--one-device", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
@@ -442,6 +452,12 @@ def main() -> int:
     if args.worker:
         result = WORKERS[args.worker](args)
         print(json.dumps({**result, "peak_rss_mib": peak_rss_mib()}))
+        return 0
+    if args.cnn:
+        from cnn_benchmark import cnn_benchmark  # beside this script
+
+        args.json.write_text(json.dumps(cnn_benchmark(args), indent=1))
+        print(f"wrote {args.json}")
         return 0
     if args.grid:
         args.json.write_text(json.dumps(grid_benchmark(args), indent=1))

@@ -15,8 +15,10 @@ from typing import Any, Literal
 
 import numpy as np
 
+from jaxmnist.arguments import format_arguments, parse_arguments
 from jaxmnist.losses import LOSSES
 from jaxmnist.model import ACTIVATIONS
+from jaxmnist.schedules import SCHEDULES, schedule_problem
 
 Kind = Literal[
     "positive_int",
@@ -27,10 +29,15 @@ Kind = Literal[
     "sizes",
     "choice",
     "model_spec",
+    "optimizer",
+    "arguments",
+    "count_or_fraction",
+    "normalization",
 ]
 
-OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")
-SCHEDULES = ("constant", "cosine", "warmup-cosine")
+# The optimizers whose settings have flags of their own (--momentum, --weight-decay); any optax optimizer's
+# name, or FILE.py:NAME, is allowed too (jaxmnist.optimizers).
+NAMED_OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")
 DEFAULT_MOMENTUM = 0.9
 DEFAULT_WEIGHT_DECAY = 1e-4
 
@@ -149,7 +156,21 @@ class TrainConfig:
         choices=("float32", "float64"),
     )
     optimizer: str = setting(
-        "sgd", "the optax optimizer (default sgd, the lesson's)", flag="--optimizer", kind="choice", choices=OPTIMIZERS
+        "sgd",
+        "the optimizer: sgd (default, the lesson's), momentum, nesterov, adam, adamw, any other optax optimizer by "
+        "name (adadelta, rmsprop, adagrad, lamb, lion, ...), or FILE.py:NAME / package.module:NAME, a function "
+        "taking learning_rate and returning an optax GradientTransformation",
+        flag="--optimizer",
+        kind="optimizer",
+        metavar="NAME",
+    )
+    optimizer_args: str = setting(
+        "",
+        "the optimizer's other keyword arguments, checked against its signature, e.g. rho=0.95,eps=1e-7 "
+        "(default: its own defaults)",
+        flag="--optimizer-args",
+        kind="arguments",
+        metavar="K=V,...",
     )
     momentum: float | tuple[float, ...] | None = setting(
         None,
@@ -171,11 +192,21 @@ class TrainConfig:
     )
     schedule: str = setting(
         "constant",
-        "learning-rate schedule over the whole run: constant (default), cosine decay to 0, or warmup-cosine "
-        "(linear warm-up from 0 over --warmup-steps, then cosine decay)",
+        "learning-rate schedule over the whole run, each as its PyTorch scheduler: constant (default), cosine "
+        "(to 0), warmup-cosine (linear warm-up from 0 over --warmup-steps, then cosine), step (StepLR: "
+        "step_size=1,gamma=0.1, in epochs), exponential (ExponentialLR: gamma= per epoch), multistep "
+        "(MultiStepLR: milestones=[E,E],gamma=0.1), linear (LinearLR: start_factor=1,end_factor=0 over the run), "
+        "one-cycle (OneCycleLR: pct_start=0.3,div_factor=25,final_div_factor=1e4, peaking at --lr)",
         flag="--schedule",
         kind="choice",
         choices=SCHEDULES,
+    )
+    schedule_args: str = setting(
+        "",
+        "the schedule's arguments, e.g. step_size=1,gamma=0.7 (default: those given with --schedule)",
+        flag="--schedule-args",
+        kind="arguments",
+        metavar="K=V,...",
     )
     warmup_steps: int = setting(
         0, "warm-up steps of --schedule warmup-cosine (default 0)", flag="--warmup-steps", kind="non_negative_int"
@@ -189,13 +220,21 @@ class TrainConfig:
         sweepable=True,
         metavar="P",
     )
-    val_split: int = setting(
+    val_split: int | float = setting(
         0,
-        "hold out N training images (the same ones for every seed, never trained on) and report validation loss "
-        "and accuracy each epoch (default 0: none)",
+        "hold out N training images, or a fraction of them (0.1), the same ones for every seed, never trained on, "
+        "and report validation loss and accuracy each epoch (default 0: none)",
         flag="--val-split",
-        kind="non_negative_int",
+        kind="count_or_fraction",
         metavar="N",
+    )
+    normalize: tuple[float, float] = setting(
+        (0.5, 0.5),
+        "the input transform: pixels/255, minus MEAN, divided by STD (default 0.5,0.5, the lesson's, to [-1, 1]; "
+        "0,1 for pixels/255; 0.1307,0.3081 for MNIST's mean and deviation)",
+        flag="--normalize",
+        kind="normalization",
+        metavar="MEAN,STD",
     )
     seeds: int = setting(
         1,
@@ -216,9 +255,17 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
+        for name in ("optimizer_args", "schedule_args"):  # a dict from Python, kept as the text a flag gives
+            if isinstance(getattr(self, name), dict):
+                object.__setattr__(self, name, format_arguments(getattr(self, name)))
+        if isinstance(self.normalize, list):  # as JSON gives it back
+            object.__setattr__(self, "normalize", tuple(self.normalize))
         for field in dataclasses.fields(self):
             check_setting(field, getattr(self, field.name))
         self._check_in_dtype_range()
+        problem = schedule_problem(self.schedule, parse_arguments(self.schedule_args, "schedule_args"))
+        if problem is not None:
+            raise SettingsError(f"`schedule_args`: {problem}")
         if self.momentum is not None and self.optimizer not in ("momentum", "nesterov"):
             raise SettingsError(f"`momentum` is for optimizer 'momentum' or 'nesterov', not {self.optimizer!r}")
         if self.weight_decay is not None and self.optimizer != "adamw":
@@ -274,7 +321,7 @@ def check_setting(field: dataclasses.Field, value: Any) -> None:
         return
     kind, choices = field.metadata["kind"], field.metadata["choices"]
     name = f"`{field.name}`"
-    if isinstance(value, tuple) and kind != "sizes":
+    if isinstance(value, tuple) and kind not in ("sizes", "normalization"):
         fields = dataclasses.fields(TrainConfig)
         sweepable = ", ".join(f"`{each.name}`" for each in fields if each.metadata["sweepable"])
         seeds = "" if field.name == "seeds" else " (several seeds: `seeds`)"
@@ -304,6 +351,25 @@ def check_setting(field: dataclasses.Field, value: Any) -> None:
         raise SettingsError(f"{name} must be whole numbers >= 1, got {value!r}")
     if kind == "model_spec" and not (isinstance(value, str) and value.rpartition(":")[0]):
         raise SettingsError(f"{name} must be FILE.py:NAME or package.module:NAME, got {value!r}")
+    if kind == "optimizer" and not (isinstance(value, str) and (value.isidentifier() or value.rpartition(":")[0])):
+        raise SettingsError(f"{name} must be an optax optimizer's name or FILE.py:NAME, got {value!r}")
+    if kind == "arguments":
+        if not isinstance(value, str):
+            raise SettingsError(f"{name} must be NAME=VALUE text or a dict, got {value!r}")
+        try:
+            parse_arguments(value, field.name)
+        except ValueError as error:
+            raise SettingsError(str(error)) from error
+    if kind == "count_or_fraction" and not (
+        (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
+        or (isinstance(value, float) and 0 < value < 1)
+    ):
+        raise SettingsError(f"{name} must be a whole number of images >= 0 or a fraction in (0, 1), got {value!r}")
+    if kind == "normalization" and not (
+        isinstance(value, tuple) and len(value) == 2 and all(isinstance(each, int | float) for each in value)
+        and all(math.isfinite(each) for each in value) and value[1] > 0
+    ):  # fmt: skip
+        raise SettingsError(f"{name} must be (mean, std) with a finite mean and std > 0, got {value!r}")
 
 
 def _check_grid_values(field: dataclasses.Field, values: tuple) -> None:
@@ -392,15 +458,33 @@ def config_from_dict(values: dict[str, Any]) -> TrainConfig:
     return TrainConfig(**{**values, **lists})
 
 
+def held_out_images(config: TrainConfig, num_train_images: int) -> int:
+    """How many of ``num_train_images`` ``config.val_split`` holds out (a fraction rounded down, as Keras does).
+
+    Example:
+        >>> held_out_images(TrainConfig(val_split=0.1), 60_000), held_out_images(TrainConfig(val_split=500), 60_000)
+        (6000, 500)
+    """
+    if isinstance(config.val_split, float):
+        return int(config.val_split * num_train_images)
+    return config.val_split
+
+
 def steps_per_epoch(config: TrainConfig, num_train_images: int) -> int:
     """Steps of one epoch over the training images left after the held-out ones."""
-    return -(-(num_train_images - config.val_split) // config.batch_size)
+    return -(-(num_train_images - held_out_images(config, num_train_images)) // config.batch_size)
 
 
 def check_against_data(config: TrainConfig, num_train_images: int) -> None:
     """Raises ``SettingsError`` for settings that do not fit a training set of ``num_train_images``."""
-    if config.val_split >= num_train_images:
+    held_out = held_out_images(config, num_train_images)
+    if isinstance(config.val_split, int) and held_out >= num_train_images:
         raise SettingsError(f"`val_split`={config.val_split} must be below the {num_train_images} training images")
+    if isinstance(config.val_split, float) and not 0 < held_out < num_train_images:
+        raise SettingsError(
+            f"`val_split`={config.val_split} holds out {held_out} of the {num_train_images} training images: "
+            "hold out at least one and leave at least one"
+        )
     total_steps = config.epochs * steps_per_epoch(config, num_train_images)
     if config.warmup_steps >= total_steps:
         raise SettingsError(f"`warmup_steps`={config.warmup_steps} must be shorter than the run ({total_steps} steps)")

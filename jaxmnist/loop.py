@@ -361,7 +361,8 @@ def fit(
     dtype = param_dtype(state)
     evaluation_sets = {"test": test_data, "val": val_data} if config.val_split else {"test": test_data}
     evaluation_sets = {
-        name: (normalize(place(data[0]), dtype), place(data[1])) for name, data in evaluation_sets.items()
+        name: (normalize(place(data[0]), dtype, config.normalize), place(data[1]))
+        for name, data in evaluation_sets.items()
     }
     steps_per_epoch = num_batches(len(images), config.batch_size)
     programs = Programs(config, state, images, labels, min(steps_per_call or steps_per_epoch, steps_per_epoch), mesh)

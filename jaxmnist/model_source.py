@@ -108,9 +108,9 @@ def from_object(model: Model | Callable[..., Model], spec: str | None = None) ->
     return ModelSource(build, type(built).__name__, spec, per_seed=per_seed)
 
 
-def _load_file(path: Path, spec: str) -> Any:
+def _load_file(path: Path, spec: str, argument: str) -> Any:
     if not path.is_file():
-        raise ModelSpecError(f"`model`={spec}: no such file {path}")
+        raise ModelSpecError(f"`{argument}`={spec}: no such file {path}")
     module_name = f"jaxmnist_user_model_{abs(hash(str(path)))}"
     loader_spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(loader_spec)
@@ -119,7 +119,7 @@ def _load_file(path: Path, spec: str) -> Any:
         loader_spec.loader.exec_module(module)
     except Exception as error:
         del sys.modules[module_name]
-        raise ModelSpecError(f"`model`={spec}: importing {path} raised {type(error).__name__}: {error}") from error
+        raise ModelSpecError(f"`{argument}`={spec}: importing {path} raised {type(error).__name__}: {error}") from error
     return module
 
 
@@ -155,17 +155,28 @@ def load_model(spec: str) -> ModelSource:
         >>> load_model("jaxmnist.model:MLP").name
         'MLP'
     """
+    return from_object(load_attribute(spec, "model"), absolute_spec(spec))
+
+
+def load_attribute(spec: str, argument: str) -> Any:
+    """What ``spec`` (``"FILE.py:NAME"`` or ``"package.module:NAME"``) names; ``ModelSpecError`` naming
+    ``argument`` when there is no ``:NAME``, no such file or module, or no such NAME in it.
+
+    Example:
+        >>> load_attribute("optax:adam", "optimizer").__name__
+        'adam'
+    """
     location, _, name = spec.rpartition(":")
     if not location or not name.isidentifier():
-        raise ModelSpecError(f"`model`={spec}: expected FILE.py:NAME or package.module:NAME")
+        raise ModelSpecError(f"`{argument}`={spec}: expected FILE.py:NAME or package.module:NAME")
     if location.endswith(".py"):
         spec = absolute_spec(spec)
-        module = _load_file(Path(spec.rpartition(":")[0]), spec)
+        module = _load_file(Path(spec.rpartition(":")[0]), spec, argument)
     else:
         try:
             module = importlib.import_module(location)
         except ImportError as error:
-            raise ModelSpecError(f"`model`={spec}: cannot import {location} ({error})") from error
+            raise ModelSpecError(f"`{argument}`={spec}: cannot import {location} ({error})") from error
     if not hasattr(module, name):
-        raise ModelSpecError(f"`model`={spec}: {location} has no {name}")
-    return from_object(getattr(module, name), spec)
+        raise ModelSpecError(f"`{argument}`={spec}: {location} has no {name}")
+    return getattr(module, name)

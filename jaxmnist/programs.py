@@ -115,7 +115,8 @@ class Programs:
         return jax.vmap(draw)(keys) if self.vmapped else draw(keys)
 
     def _batch(self, state: TrainState, indices: jax.Array, mask: jax.Array, step: int) -> dict[str, jax.Array]:
-        gather = partial(gather_batch, self.images, self.labels, dtype=param_dtype(state))
+        gather = partial(gather_batch, self.images, self.labels, dtype=param_dtype(state),
+                         normalization=self.config.normalize)  # fmt: skip
         if self.vmapped:
             return jax.vmap(gather)(indices[:, step], mask[:, step])
         batch = gather(indices[step], mask[step])
@@ -141,7 +142,8 @@ class Programs:
 
     def _epoch_program(self):
         """``train_epoch`` taking ``(state, images, labels, keys)``; under ``vmap`` for several runs."""
-        epoch = partial(train_epoch, batch_size=self.config.batch_size, mesh=self.mesh)
+        epoch = partial(train_epoch, batch_size=self.config.batch_size, mesh=self.mesh,
+                        normalization=self.config.normalize)  # fmt: skip
         if not self.vmapped:
             return jax.jit(epoch, donate_argnums=0, compiler_options=COMPILER_OPTIONS)
         return jax.jit(
@@ -152,7 +154,7 @@ class Programs:
 
     def _chunk_program(self, num_steps: int):
         """``train_chunk`` of ``num_steps`` taking ``(state, images, labels, indices, mask, first_step)``."""
-        chunk = partial(train_chunk, num_steps=num_steps, mesh=self.mesh)
+        chunk = partial(train_chunk, num_steps=num_steps, mesh=self.mesh, normalization=self.config.normalize)
         if not self.vmapped:
             return jax.jit(chunk, donate_argnums=0, compiler_options=COMPILER_OPTIONS)
         return jax.jit(

@@ -9,8 +9,11 @@ from __future__ import annotations
 import jax.numpy as jnp
 import optax
 
-from jaxmnist.config import DEFAULT_MOMENTUM, DEFAULT_WEIGHT_DECAY, TrainConfig, steps_per_epoch
+from jaxmnist.arguments import parse_arguments
+from jaxmnist.config import DEFAULT_MOMENTUM, DEFAULT_WEIGHT_DECAY, SettingsError, TrainConfig, steps_per_epoch
 from jaxmnist.model import ACTIVATIONS, MLP
+from jaxmnist.optimizers import build_optimizer_by_name
+from jaxmnist.schedules import build_schedule
 
 
 def build_model(config: TrainConfig) -> MLP:
@@ -31,13 +34,12 @@ def build_model(config: TrainConfig) -> MLP:
     )
 
 
-def learning_rate_schedule(config: TrainConfig, total_steps: int) -> float | optax.Schedule:
-    """The learning rate, or its schedule over the run's ``total_steps``."""
-    if config.schedule == "constant":
-        return config.learning_rate
-    if config.schedule == "cosine":
-        return optax.cosine_decay_schedule(config.learning_rate, total_steps)
-    return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, config.warmup_steps, total_steps)
+def learning_rate_schedule(config: TrainConfig, num_train_images: int) -> float | optax.Schedule:
+    """The learning rate, or its schedule over the run's steps."""
+    per_epoch = steps_per_epoch(config, num_train_images)
+    arguments = parse_arguments(config.schedule_args, "schedule_args")
+    return build_schedule(config.schedule, arguments, config.learning_rate, config.epochs * per_epoch, per_epoch,
+                          config.warmup_steps)  # fmt: skip
 
 
 def build_optimizer(
@@ -55,27 +57,30 @@ def build_optimizer(
         The optimizer; with a schedule or ``per_run_hyperparameters``, ``optax.inject_hyperparams`` of it,
         so every step reports its rate.
 
+    Raises:
+        SettingsError: ``optimizer`` names no optimizer, or ``optimizer_args`` do not fit its signature.
+
     Example:
         >>> optimizer = build_optimizer(TrainConfig(optimizer="adam", schedule="cosine"), 60_000)
         >>> float(optimizer.init({"w": jnp.zeros(2)}).hyperparams["learning_rate"])
         0.003
     """
-    total_steps = config.epochs * steps_per_epoch(config, num_train_images)
-    hyperparameters = {"learning_rate": learning_rate_schedule(config, total_steps)}
+    hyperparameters = {"learning_rate": learning_rate_schedule(config, num_train_images)}
     if config.optimizer in ("momentum", "nesterov"):
         hyperparameters["momentum"] = DEFAULT_MOMENTUM if config.momentum is None else config.momentum
     if config.optimizer == "adamw":
         hyperparameters["weight_decay"] = DEFAULT_WEIGHT_DECAY if config.weight_decay is None else config.weight_decay
+    arguments = parse_arguments(config.optimizer_args, "optimizer_args")
 
     def make(learning_rate, momentum=None, weight_decay=None) -> optax.GradientTransformation:
-        if config.optimizer in ("momentum", "nesterov"):
-            return optax.sgd(learning_rate, momentum=momentum, nesterov=config.optimizer == "nesterov")
-        if config.optimizer == "adam":
-            return optax.adam(learning_rate)
-        if config.optimizer == "adamw":
-            return optax.adamw(learning_rate, weight_decay=weight_decay)
-        return optax.sgd(learning_rate)
+        own = {"momentum": momentum} if momentum is not None else {}
+        own.update({"weight_decay": weight_decay} if weight_decay is not None else {})
+        return build_optimizer_by_name(config.optimizer, learning_rate, arguments, own)
 
+    try:
+        make(**hyperparameters)  # its arguments checked here, once, before any state exists
+    except ValueError as error:
+        raise SettingsError(str(error)) from error
     if config.schedule == "constant" and not per_run_hyperparameters:
         return make(**hyperparameters)
     # A schedule alone injects the learning rate only; the other values stay constants of the program.

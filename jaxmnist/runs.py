@@ -24,8 +24,10 @@ from jaxmnist.config import (
     TrainConfig,
     check_against_data,
     grid_rows,
+    held_out_images,
     num_runs,
     row_config,
+    steps_per_epoch,
     swept_settings,
 )
 from jaxmnist.model_source import Model, ModelSource, from_object, load_model
@@ -91,7 +93,7 @@ def grid_runs(config: TrainConfig) -> list[GridRun]:
 
 
 def hold_out(config: TrainConfig, images: np.ndarray, labels: np.ndarray) -> tuple[tuple, tuple]:
-    """The training images split into ``(train, validation)``: ``val_split`` of them held out.
+    """The training images split into ``(train, validation)``: ``val_split`` of them (or that fraction) held out.
 
     The same images for every seed (drawn from a key of their own, so the init and shuffle keys do not
     move): the runs of a grid or of several seeds are each their run alone, and all are validated on the
@@ -107,7 +109,8 @@ def hold_out(config: TrainConfig, images: np.ndarray, labels: np.ndarray) -> tup
     if not config.val_split:  # nothing held out: no permutation to draw (or compile)
         return (images, labels), (images[:0], labels[:0])
     order = np.asarray(jax.random.permutation(jax.random.fold_in(jax.random.key(0), _VALIDATION_SALT), len(images)))
-    held, kept = np.sort(order[: config.val_split]), np.sort(order[config.val_split :])
+    count = held_out_images(config, len(images))
+    held, kept = np.sort(order[:count]), np.sort(order[count:])
     return (images[kept], labels[kept]), (images[held], labels[held])
 
 
@@ -341,7 +344,7 @@ def estimated_bytes(config: TrainConfig, state: TrainState, num_train_images: in
     the epoch's per-step metrics. A figure meant to refuse what cannot fit, before anything is compiled.
     """
     state_bytes = _bytes((state.params, state.opt_state, state.collections))
-    metric_bytes = 4 * 8 * (num_train_images - config.val_split) // config.batch_size + 64
+    metric_bytes = 4 * 8 * steps_per_epoch(config, num_train_images) + 64
     return num_runs(config) * (2 * state_bytes + _step_bytes(config, state) + metric_bytes)
 
 

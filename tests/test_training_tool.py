@@ -242,7 +242,7 @@ def test_tensorboard_without_tensorboardx_is_one_line_before_training(tiny_mnist
         (["--schedule", "warmup-cosine", "--warmup-steps", "50", "--epochs", "2"], "--warmup-steps 50 must be shorter"),
         (["--warmup-steps", "5"], "--warmup-steps is for schedule 'warmup-cosine'"),
         (["--dropout", "1"], "--dropout: must be a number in [0, 1)"),
-        (["--optimizer", "rmsprop"], "--optimizer"),
+        (["--optimizer", "rmsprp"], "--optimizer rmsprp is not an optax optimizer; did you mean rmsprop?"),
     ],
 )
 def test_bad_values_and_combinations_are_one_line_exit_2(tiny_mnist_dir: Path, capsys, flags, message):

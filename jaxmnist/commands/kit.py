@@ -139,6 +139,26 @@ def value_list(parse: Callable[[str], float]) -> Callable[[str], float | tuple[f
     return parse_list
 
 
+def count_or_fraction(text: str) -> int | float:
+    """A whole number (``500``), or a fraction in (0, 1) (``0.1``)."""
+    _one_value(text)
+    if text.strip().isdigit():
+        return int(text)
+    return _number(text, lambda value: 0 < value < 1, "a whole number >= 0 or a fraction in (0, 1)")
+
+
+def normalization(text: str) -> tuple[float, float]:
+    """``MEAN,STD`` of the input transform."""
+    parts = text.split(",")
+    try:
+        mean, std = (float(part) for part in parts)
+    except ValueError:
+        mean, std = math.nan, math.nan
+    if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+        raise argparse.ArgumentTypeError(f"must be MEAN,STD with STD > 0, e.g. 0.1307,0.3081, got {text!r}")
+    return mean, std
+
+
 ARGUMENT_TYPES: dict[str, Callable[[str], object]] = {
     "positive_int": positive_int,
     "non_negative_int": non_negative_int,
@@ -147,6 +167,10 @@ ARGUMENT_TYPES: dict[str, Callable[[str], object]] = {
     "fraction": fraction,
     "sizes": hidden_sizes,
     "model_spec": str,
+    "optimizer": one_choice,
+    "arguments": str,
+    "count_or_fraction": count_or_fraction,
+    "normalization": normalization,
 }
 
 

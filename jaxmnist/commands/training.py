@@ -82,7 +82,7 @@ def check_outputs(args: argparse.Namespace) -> None:
 
 def describe(config: TrainConfig, num_images: int, mesh, model_name: str, num_params: int) -> str:
     """One line: the model and its size, the optimization, the data and the devices."""
-    from jaxmnist.config import grid_rows, num_runs, swept_settings, value_text, values_label
+    from jaxmnist.config import grid_rows, held_out_images, num_runs, swept_settings, value_text, values_label
     from jaxmnist.parallel import padded_batch_width
 
     device = mesh.devices.flat[0]
@@ -98,8 +98,12 @@ def describe(config: TrainConfig, num_images: int, mesh, model_name: str, num_pa
     elif mesh.size > 1:
         width = padded_batch_width(config.batch_size, mesh)
         where = f"{mesh.size} {where} devices, {width // mesh.size} images of each batch per device"
-    schedule = "" if config.schedule == "constant" else f" ({config.schedule} schedule)"
-    held_out = f" ({config.val_split} held out for validation)" if config.val_split else ""
+    schedule_args = f", {config.schedule_args}" if config.schedule_args else ""
+    schedule = "" if config.schedule == "constant" else f" ({config.schedule} schedule{schedule_args})"
+    optimizer_args = f" ({config.optimizer_args})" if config.optimizer_args else ""
+    optimizer = OPTIMIZER_NAMES.get(config.optimizer, config.optimizer) + optimizer_args
+    held = held_out_images(config, num_images)
+    held_out = f" ({held} held out for validation)" if held else ""
     epochs = counted(config.epochs, "epoch")
     swept = swept_settings(config)
     seeds = f"{config.seeds} seeds ({config.seed}..{config.seed + config.seeds - 1})"
@@ -116,8 +120,8 @@ def describe(config: TrainConfig, num_images: int, mesh, model_name: str, num_pa
     rate = "swept" if "learning_rate" in swept else value_text(config.learning_rate)
     return (
         f"{model}, {num_params:,} parameters, {config.loss} loss, "
-        f"{OPTIMIZER_NAMES[config.optimizer]} lr {rate}{schedule}, batch {config.batch_size}, "
-        f"{epochs}, {num_images - config.val_split} training images{held_out}, {config.dtype} on {where}"
+        f"{optimizer} lr {rate}{schedule}, batch {config.batch_size}, "
+        f"{epochs}, {num_images - held} training images{held_out}, {config.dtype} on {where}"
     )
 
 

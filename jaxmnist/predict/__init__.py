@@ -93,7 +93,7 @@ def predict_probabilities(
     difference = tree_difference(one_run, template.params)
     if difference is not None:
         raise ModelSpecError(f"{config.model or 'the MLP'} no longer builds the saved parameters: {difference}")
-    inputs = normalize(images, np.dtype(config.dtype))
+    inputs = normalize(images, np.dtype(config.dtype), config.normalize)
 
     def probabilities(params: Any, collections: Any) -> jax.Array:
         return jax.nn.softmax(template.replace(params=params, collections=collections).apply_model(inputs)[0])

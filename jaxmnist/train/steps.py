@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from jaxmnist.losses import accuracy
-from jaxmnist.normalization import normalize
+from jaxmnist.normalization import LESSON_NORMALIZATION, normalize
 from jaxmnist.parallel import padded_batch_width, shard_batch
 from jaxmnist.train.adapters import ANY_KEYWORD, split_outputs
 from jaxmnist.train.convolutions import canonical_convolutions
@@ -223,16 +223,14 @@ def epoch_batch_indices(
     return jnp.pad(padded, extra), jnp.pad(mask, extra)
 
 
-def gather_batch(
-    images: jax.Array, labels: jax.Array, indices: jax.Array, mask: jax.Array, dtype: jnp.dtype
-) -> dict[str, jax.Array]:
+def gather_batch(images: jax.Array, labels: jax.Array, indices: jax.Array, mask: jax.Array, dtype: jnp.dtype,
+                 normalization: tuple[float, float] = LESSON_NORMALIZATION) -> dict[str, jax.Array]:  # fmt: skip
     """A training batch from uint8 ``images`` held on the device: gathered, then normalized."""
-    return {"image": normalize(images[indices], dtype), "label": labels[indices], "mask": mask}
+    return {"image": normalize(images[indices], dtype, normalization), "label": labels[indices], "mask": mask}
 
 
-def _scan_steps(
-    state: TrainState, images: jax.Array, labels: jax.Array, indices: jax.Array, mask: jax.Array, mesh: Mesh | None
-) -> tuple[TrainState, Metrics]:
+def _scan_steps(state: TrainState, images: jax.Array, labels: jax.Array, indices: jax.Array, mask: jax.Array,
+                mesh: Mesh | None, normalization: tuple[float, float]) -> tuple[TrainState, Metrics]:  # fmt: skip
     """``lax.scan`` of ``train_step`` over batches given as rows of ``indices`` into the device data."""
     if images.dtype != jnp.uint8:
         raise TypeError(
@@ -242,13 +240,13 @@ def _scan_steps(
     dtype = param_dtype(state)
 
     def step(state, batch_indices_and_mask):
-        batch = gather_batch(images, labels, *batch_indices_and_mask, dtype)
+        batch = gather_batch(images, labels, *batch_indices_and_mask, dtype, normalization)
         return train_step(state, shard_batch(batch, mesh))
 
     return jax.lax.scan(step, state, (indices, mask))
 
 
-@partial(jax.jit, static_argnames=("batch_size", "mesh"), donate_argnames="state")
+@partial(jax.jit, static_argnames=("batch_size", "mesh", "normalization"), donate_argnames="state")
 def train_epoch(
     state: TrainState,
     images: jax.Array,
@@ -256,6 +254,7 @@ def train_epoch(
     key: jax.Array,
     batch_size: int = 64,
     mesh: Mesh | None = None,
+    normalization: tuple[float, float] = LESSON_NORMALIZATION,
 ) -> tuple[TrainState, Metrics]:
     """One epoch as one compiled call: a ``lax.scan`` of ``train_step`` over the shuffled batches.
 
@@ -268,6 +267,7 @@ def train_epoch(
         key: the key of this epoch's shuffle.
         batch_size: images per step; the last batch is padded and masked.
         mesh: a ``jaxmnist.parallel`` mesh to split every batch over its devices.
+        normalization: ``(mean, std)`` of the input transform (``jaxmnist.normalize``), the lesson's by default.
 
     Returns:
         The new state and the per-step metrics (shape ``(num_batches,)``); the lesson's "Training loss"
@@ -283,7 +283,8 @@ def train_epoch(
     """
     check_padding_leaves_statistics_exact(state, batch_size, mesh)
     width = padded_batch_width(batch_size, mesh)
-    return _scan_steps(state, images, labels, *epoch_batch_indices(key, images.shape[0], batch_size, width), mesh)
+    batches = epoch_batch_indices(key, images.shape[0], batch_size, width)
+    return _scan_steps(state, images, labels, *batches, mesh, normalization)
 
 
 def check_padding_leaves_statistics_exact(state: TrainState, batch_size: int, mesh: Mesh | None) -> None:
@@ -296,7 +297,7 @@ def check_padding_leaves_statistics_exact(state: TrainState, batch_size: int, me
         )
 
 
-@partial(jax.jit, static_argnames=("num_steps", "mesh"), donate_argnames="state")
+@partial(jax.jit, static_argnames=("num_steps", "mesh", "normalization"), donate_argnames="state")
 def train_chunk(
     state: TrainState,
     images: jax.Array,
@@ -306,6 +307,7 @@ def train_chunk(
     first_step: jax.Array | int,
     num_steps: int,
     mesh: Mesh | None = None,
+    normalization: tuple[float, float] = LESSON_NORMALIZATION,
 ) -> tuple[TrainState, Metrics]:
     """Steps ``first_step .. first_step + num_steps - 1`` of an epoch as one compiled call.
 
@@ -320,6 +322,7 @@ def train_chunk(
         first_step: the first row to train on.
         num_steps: how many rows (static: one compilation per chunk length).
         mesh: a ``jaxmnist.parallel`` mesh to split every batch over its devices.
+        normalization: ``(mean, std)`` of the input transform, the lesson's by default.
 
     Returns:
         The new state and the per-step metrics of the chunk (shape ``(num_steps,)``).
@@ -337,4 +340,4 @@ def train_chunk(
         jax.lax.dynamic_slice_in_dim(indices, first_step, num_steps),
         jax.lax.dynamic_slice_in_dim(mask, first_step, num_steps),
     )
-    return _scan_steps(state, images, labels, *window, mesh)
+    return _scan_steps(state, images, labels, *window, mesh, normalization)

@@ -1,0 +1,119 @@
+"""Optimizers by name: any optax optimizer, the lesson's shortcuts, or a factory of the caller's.
+
+A name is one of
+
+- ``momentum`` or ``nesterov``: optax's ``sgd`` with (Nesterov) momentum, as the lesson's flags offer;
+- any optimizer function of optax (``sgd``, ``adam``, ``adamw``, ``adadelta``, ``rmsprop``, ``lion``, ...):
+  one that takes ``learning_rate`` and returns a ``GradientTransformation``;
+- ``FILE.py:NAME`` or ``package.module:NAME``: such a function of the caller's.
+
+Its other keyword arguments are checked against its signature before anything is built.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import optax
+
+from jaxmnist.arguments import Arguments, check_arguments
+from jaxmnist.model_source import ModelSpecError, load_attribute
+
+OptimizerFactory = Callable[..., optax.GradientTransformation]
+SHORTCUTS = {"momentum": {"nesterov": False}, "nesterov": {"nesterov": True}}
+
+
+def _takes_learning_rate(function: Any) -> bool:
+    try:
+        return "learning_rate" in inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def optax_optimizer_names() -> tuple[str, ...]:
+    """The names of optax's optimizer functions: its public functions that take ``learning_rate``.
+
+    Example:
+        >>> {"adadelta", "rmsprop", "lion"} <= set(optax_optimizer_names())
+        True
+    """
+    functions = {name: getattr(optax, name) for name in dir(optax) if not name.startswith("_")}
+    return tuple(
+        sorted(
+            name
+            for name, function in functions.items()
+            if inspect.isfunction(function) and not name.endswith("_schedule") and _takes_learning_rate(function)
+        )
+    )
+
+
+def optimizer_factory(name: str) -> OptimizerFactory:
+    """The function ``name`` stands for, taking ``learning_rate`` and keyword arguments.
+
+    Args:
+        name: ``momentum``, ``nesterov``, an optax optimizer's name, or ``FILE.py:NAME`` /
+            ``package.module:NAME``.
+
+    Returns:
+        The function (for the shortcuts, optax's ``sgd`` with their ``nesterov``).
+
+    Raises:
+        ValueError: ``name`` names no optimizer (the closest optax names suggested), or a spec that cannot be
+            loaded or names something that takes no ``learning_rate``.
+
+    Example:
+        >>> optimizer_factory("adadelta").__name__
+        'adadelta'
+    """
+    if name in SHORTCUTS:
+        return functools.partial(optax.sgd, **SHORTCUTS[name])
+    if ":" in name:
+        try:
+            factory = load_attribute(name, "optimizer")
+        except ModelSpecError as error:
+            raise ValueError(str(error)) from error
+        if not callable(factory) or not _takes_learning_rate(factory):
+            raise ValueError(f"`optimizer`={name} must be a function taking `learning_rate` and returning an optax "
+                             "GradientTransformation")  # fmt: skip
+        return factory
+    names = optax_optimizer_names()
+    if name not in names:
+        close = difflib.get_close_matches(name, (*SHORTCUTS, *names), n=3)
+        suggestion = f"; did you mean {' or '.join(close)}?" if close else "; any optax optimizer's name"
+        raise ValueError(f"`optimizer`={name!r} is not an optax optimizer{suggestion}")
+    return getattr(optax, name)
+
+
+def build_optimizer_by_name(name: str, learning_rate: Any, arguments: Arguments, own: Arguments | None = None
+                            ) -> optax.GradientTransformation:  # fmt: skip
+    """``optimizer_factory(name)(learning_rate, **own, **arguments)``, ``arguments`` checked first.
+
+    ``own`` are values that settings of their own give (``momentum``, ``weight_decay``): ``arguments`` may
+    not give them again.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> optimizer = build_optimizer_by_name("rmsprop", 0.01, {"decay": 0.99, "eps_in_sqrt": False})
+        >>> sorted(optimizer.init(jnp.zeros(2))[0]._fields)
+        ['nu']
+    """
+    factory = optimizer_factory(name)
+    own = own or {}
+    fixed = ("learning_rate", *own, *getattr(factory, "keywords", {}))  # a shortcut's nesterov among them
+    check_arguments(getattr(factory, "func", factory), arguments, "optimizer_args", fixed)
+    try:
+        optimizer = factory(learning_rate=learning_rate, **own, **arguments)
+    except Exception as error:  # the factory's own checks: say what it raised, in one line
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(
+            f"`optimizer`={name} with `optimizer_args` raised {type(error).__name__}: {message}"
+        ) from error
+    if not isinstance(optimizer, optax.GradientTransformation):
+        raise ValueError(
+            f"`optimizer`={name} returned a {type(optimizer).__name__}, not an optax GradientTransformation"
+        )
+    return optimizer

@@ -25,18 +25,38 @@ _EXPORTS = {
     "TrainConfig": "jaxmnist.config",
     "fit": "jaxmnist.loop",
     "train_chunk": "jaxmnist.train",
+    # The errors a caller catches: each names the API argument at fault.
+    "SettingsError": "jaxmnist.config",
+    "RunError": "jaxmnist.runs",
+    "ModelSpecError": "jaxmnist.model_source",
+    "ModelCallError": "jaxmnist.train",
+    "DataError": "jaxmnist.idx",
+    "CheckpointError": "jaxmnist.checkpoint",
+    "DivergenceError": "jaxmnist.loop",
 }
 
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on first use
-    from jaxmnist.config import TrainConfig  # noqa: F401
+    from jaxmnist.checkpoint import CheckpointError  # noqa: F401
+    from jaxmnist.config import SettingsError, TrainConfig  # noqa: F401
     from jaxmnist.data import load_mnist  # noqa: F401
-    from jaxmnist.loop import fit  # noqa: F401
+    from jaxmnist.idx import DataError  # noqa: F401
+    from jaxmnist.loop import DivergenceError, fit  # noqa: F401
     from jaxmnist.losses import accuracy, cross_entropy_loss, mse_loss, nll_loss  # noqa: F401
     from jaxmnist.model import MLP  # noqa: F401
+    from jaxmnist.model_source import ModelSpecError  # noqa: F401
     from jaxmnist.normalization import normalize  # noqa: F401
-    from jaxmnist.train import TrainState, create_train_state, evaluate, train_chunk, train_epoch, train_step  # noqa: F401
+    from jaxmnist.runs import RunError  # noqa: F401
+    from jaxmnist.train import (  # noqa: F401
+        ModelCallError,
+        TrainState,
+        create_train_state,
+        evaluate,
+        train_chunk,
+        train_epoch,
+        train_step,
+    )
 
 
 def __getattr__(name: str) -> Any:

@@ -34,7 +34,19 @@ _NAME = re.compile(r"^ckpt-(\d+)\.msgpack$")
 
 
 class CheckpointError(ValueError):
-    """A checkpoint folder holds no checkpoint, a damaged one, or one of another configuration."""
+    """A checkpoint folder holds no checkpoint, a damaged one, or one of another configuration.
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> path = Path(tempfile.mkdtemp()) / "ckpt-00000010.msgpack"
+        >>> _ = path.write_bytes(b"not a checkpoint")
+        >>> try:
+        ...     read_checkpoint(path)
+        ... except CheckpointError as error:
+        ...     print(type(error).__name__)
+        DamagedCheckpointError
+    """
 
 
 class DamagedCheckpointError(CheckpointError):
@@ -163,10 +175,11 @@ def restore_progress(path: PathArg, config: TrainConfig, template: TrainState) -
     saved_config, payload = read_checkpoint(path)
     differences = config_differences(saved_config, config)
     if differences:
-        field, saved, current = differences[0]
-        raise CheckpointError(
-            f"{path}: cannot resume, `{field}` is {_shown(saved)} in the checkpoint but {_shown(current)} now"
+        each = "; ".join(
+            f"`{field}` is {_shown(saved)} in the checkpoint but {_shown(current)} now"
+            for field, saved, current in differences
         )
+        raise CheckpointError(f"{path}: cannot resume, {each}")
     template_dict = serialization.to_state_dict(template)
     for part, owner in (("params", "model"), ("collections", "model"), ("opt_state", "optimizer")):
         difference = tree_difference(payload.get("state", {}).get(part), template_dict.get(part))

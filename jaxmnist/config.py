@@ -46,7 +46,15 @@ LESSON_MODEL_SETTINGS = ("hidden_sizes", "activation", "weight_init", "dropout")
 
 
 class SettingsError(ValueError):
-    """A setting, or a combination of settings, is not allowed; the message names the arguments."""
+    """A setting, or a combination of settings, is not allowed; the message names the arguments.
+
+    Example:
+        >>> try:
+        ...     TrainConfig(epochs=0)
+        ... except SettingsError as error:
+        ...     print(error)
+        `epochs` must be a whole number >= 1, got 0
+    """
 
 
 def setting(
@@ -142,7 +150,8 @@ class TrainConfig:
     )
     loop: Literal["scan", "step"] = setting(
         "scan",
-        "scan: one compiled call per epoch (default); step: one compiled call per batch, same numbers",
+        "scan: one compiled call per epoch (default); step: one compiled call per batch, the same numbers in "
+        "float64 (in float32 within rounding, which training amplifies)",
         flag="--loop",
         kind="choice",
         choices=("scan", "step"),

@@ -47,7 +47,19 @@ _VERIFIED_RECORD = "verified.json"
 
 
 class DataError(ValueError):
-    """MNIST could not be found or a file is damaged; the message names the file and what is wrong."""
+    """MNIST could not be found or a file is damaged; the message names the file and what is wrong.
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> path = Path(tempfile.mkdtemp()) / "train-images-idx3-ubyte"
+        >>> _ = path.write_bytes(b"not an IDX file")
+        >>> try:
+        ...     read_images(path)
+        ... except DataError as error:
+        ...     print(type(error).__name__)
+        DataError
+    """
 
 
 def _file_names(stem: str) -> list[str]:

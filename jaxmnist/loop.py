@@ -149,6 +149,11 @@ class DivergenceError(ArithmeticError):
 
     ``step`` is None when the batch losses stayed finite but an evaluation after the epoch did not (the
     epoch's last update made the parameters non-finite); ``measured`` then names it, e.g. ``"test loss"``.
+
+    Example:
+        >>> error = DivergenceError(epoch=2, step=17, loss=float("nan"))
+        >>> (error.epoch, error.step), isinstance(error, ArithmeticError)
+        ((2, 17), True)
     """
 
     def __init__(self, epoch: int, step: int | None, loss: float, seed: int | None = None, values: dict | None = None,

@@ -26,7 +26,15 @@ Model = nn.Module | nnx.Module
 
 
 class ModelSpecError(ValueError):
-    """A model spec or object that cannot give a model; the message says what and how to fix it."""
+    """A model spec or object that cannot give a model; the message says what and how to fix it.
+
+    Example:
+        >>> try:
+        ...     load_model("jaxmnist.model:NoSuchModel")
+        ... except ModelSpecError as error:
+        ...     print(error)
+        `model`=jaxmnist.model:NoSuchModel: jaxmnist.model has no NoSuchModel
+    """
 
 
 @dataclasses.dataclass(frozen=True)

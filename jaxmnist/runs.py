@@ -53,7 +53,16 @@ _VALIDATION_SALT = 0x76616C  # "val"
 
 
 class RunError(ValueError):
-    """The model, the data and the settings do not fit together; raised before the first step."""
+    """The model, the data and the settings do not fit together; raised before the first step.
+
+    Example:
+        >>> from jaxmnist.model import MLP
+        >>> try:
+        ...     build_run(TrainConfig(dropout=(0.1, 0.2)), (28, 28), 100, model=MLP())
+        ... except RunError as error:
+        ...     print(error)
+        `dropout` lists rates for the lesson's MLP, and `model` is given: give one value
+    """
 
 
 def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:

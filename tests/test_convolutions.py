@@ -187,3 +187,16 @@ def test_a_scanned_cnn_epoch_equals_its_steps_one_call_at_a_time_in_float64():
     for scanned_epoch, stepped_epoch in zip(scanned.history, stepped.history, strict=True):
         for name in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
             np.testing.assert_allclose(getattr(scanned_epoch, name), getattr(stepped_epoch, name), rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["PyTorchExampleNet", "FlaxExampleCNN"])
+def test_the_reference_cnns_have_their_pytorch_twins_sizes_and_output_shapes(name):
+    torch = pytest.importorskip("torch", reason="PyTorch is not installed: see the README (its CPU build)")
+    from jaxmnist import cnns
+    from jaxmnist.torch_compat import reference_cnn
+
+    twin = reference_cnn(name)
+    variables = getattr(cnns, name)().init(jax.random.key(0), jnp.zeros((2, 28, 28)))
+    assert sum(leaf.size for leaf in jax.tree.leaves(variables)) == sum(p.numel() for p in twin.parameters())
+    outputs = getattr(cnns, name)().apply(variables, jnp.zeros((2, 28, 28)))
+    assert outputs.shape == tuple(twin(torch.zeros(2, 1, 28, 28)).shape) == (2, 10)

@@ -412,6 +412,8 @@ def test_the_command_warns_of_a_diverged_run_and_its_table_says_so(tiny_mnist_di
     Image.fromarray(make_digits(1, seed=5)[0][0]).save(tmp_path / "digit.png")
     assert predict.main(["--params", str(params), "--lr", "1e4", str(tmp_path / "digit.png")]) == 2
     assert "error: the runs chosen diverged in training" in capsys.readouterr().err
+    assert predict.main(["--params", str(params), str(tmp_path / "digit.png")]) == 2
+    assert "give --lr (one of 0.05) to pick its runs" in capsys.readouterr().err  # the diverged 1e4 is no choice
     assert predict.main(["--params", str(params), "--lr", "0.05", str(tmp_path / "digit.png")]) == 0
 
 

@@ -139,6 +139,7 @@ def test_a_sown_loss_is_a_per_step_output_never_carried_and_trains_as_by_hand(ba
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("error::DeprecationWarning")  # flax deprecates a sow outside nnx.capture
 def test_sowing_models_run_through_train_epoch_linen_and_nnx():
     images, labels = make_digits(100, seed=22)
     images, labels = jnp.asarray(images), jnp.asarray(labels, jnp.int32)

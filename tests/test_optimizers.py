@@ -166,3 +166,18 @@ def test_training_uses_the_transform_the_settings_name():
         runs[normalization] = list(fit(config, (images, labels), (images[:32], labels[:32])))[-1].result
     assert runs[(0.5, 0.5)].train_loss != runs[(0.0, 1.0)].train_loss
     assert TrainConfig().normalize == (0.5, 0.5)  # the lesson's transform stays the default
+
+
+def test_saved_parameters_keep_the_transform_and_predict_uses_it(tiny_mnist_dir, tmp_path):
+    from jaxmnist.checkpoint import load_saved_model
+    from jaxmnist.model import MLP
+    from jaxmnist.predict import predict_probabilities
+
+    saved_path = tmp_path / "params.msgpack"
+    flags = ["--epochs", "1", "--normalize", "0.1307,0.3081", "--save", str(saved_path)]
+    assert train_exit_code(tiny_mnist_dir, *flags) == 0
+    saved = load_saved_model(saved_path)
+    assert saved.config.normalize == (0.1307, 0.3081)
+    images = make_digits(4, seed=9)[0]
+    by_hand = jax.nn.softmax(MLP().apply({"params": saved.params}, normalize(images, jnp.float32, (0.1307, 0.3081))))
+    np.testing.assert_allclose(predict_probabilities(saved.config, saved.params, images), by_hand, rtol=1e-5)

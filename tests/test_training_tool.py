@@ -176,6 +176,14 @@ def test_a_scheduled_run_may_not_resume_with_another_length(digits, tmp_path: Pa
     with pytest.raises(ValueError, match="`epochs` is 2 in the checkpoint but 3 now"):
         longer = TrainConfig(epochs=3, batch_size=32, schedule="cosine")
         restore_progress(path, longer, template_state(longer, 320))
+    # Every setting that differs is named, not only the first.
+    other = TrainConfig(epochs=3, batch_size=16, schedule="cosine", seed=1)
+    message = (
+        "`epochs` is 2 in the checkpoint but 3 now; `batch_size` is 32 in the checkpoint but 16 now; "
+        "`seed` is 0 in the checkpoint but 1 now"
+    )
+    with pytest.raises(ValueError, match=message):
+        restore_progress(path, other, template_state(other, 320))
 
 
 def _events(folder: Path) -> list:

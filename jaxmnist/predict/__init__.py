@@ -80,7 +80,7 @@ def predict_probabilities(
 
     collections = collections or {}
     runs = grid_runs(config)
-    chosen = _chosen_runs(runs, swept_settings(config), values or {}, seed)
+    chosen = _chosen_runs(runs, swept_settings(config), values or {}, seed, diverged)
     chosen = [index for index in chosen if index not in diverged]
     if not chosen:
         raise ValueError("the runs chosen diverged in training: their parameters predict nothing; choose others")
@@ -104,11 +104,15 @@ def predict_probabilities(
     return np.asarray(jax.vmap(probabilities)(pick(params), pick(collections))).mean(axis=0)
 
 
-def _chosen_runs(
-    runs: list, swept: dict[str, tuple[float, ...]], values: dict[str, float], seed: int | None
-) -> list[int]:
-    """The positions of the runs that ``values`` and ``seed`` name; ``ValueError`` saying what is missing."""
+def _chosen_runs(runs: list, swept: dict[str, tuple[float, ...]], values: dict[str, float], seed: int | None,
+                 diverged: Sequence[int]) -> list[int]:  # fmt: skip
+    """The positions of the runs that ``values`` and ``seed`` name; ``ValueError`` saying what is missing, with
+    the values of configurations that trained (a configuration whose every run diverged is no choice)."""
     from jaxmnist.config import value_text
+
+    trained = [run for index, run in enumerate(runs) if index not in diverged]
+    choices = {name: [value for value in options if any(run.values[name] == value for run in trained)]
+               for name, options in swept.items()}  # fmt: skip
 
     unknown = sorted(set(values) - set(swept))
     if unknown:
@@ -116,7 +120,7 @@ def _chosen_runs(
         raise ValueError(f"`{unknown[0]}`={values[unknown[0]]}: the run {listed}")
     missing = [name for name in swept if name not in values and len(swept[name]) > 1]
     if missing:
-        give = " and ".join(f"`{name}` (one of {', '.join(map(value_text, swept[name]))})" for name in missing)
+        give = " and ".join(f"`{name}` (one of {', '.join(map(value_text, choices[name]))})" for name in missing)
         raise ValueError(f"these parameters are of a grid: give {give} to pick its runs")
     for name, value in values.items():
         if value not in swept[name]:

@@ -39,7 +39,21 @@ ANY_KEYWORD = frozenset({"*"})
 
 
 class ModelCallError(TypeError):
-    """A model cannot be called the way jaxmnist calls models."""
+    """A model cannot be called the way jaxmnist calls models.
+
+    Example:
+        >>> import jax
+        >>> from jaxmnist.train import create_train_state
+        >>> class NeedsMore(nn.Module):
+        ...     @nn.compact
+        ...     def __call__(self, images, scale):
+        ...         return nn.Dense(10)(images) * scale
+        >>> try:
+        ...     create_train_state(jax.random.key(0), NeedsMore())
+        ... except ModelCallError as error:
+        ...     print(type(error).__name__)
+        ModelCallError
+    """
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,10 +217,15 @@ class NnxModel:
             module.eval()
         if train and key is not None and self.stream_names:
             nnx.reseed(module, **{name: jax.random.fold_in(key, index) for index, name in enumerate(self.stream_names)})
-        outputs = module(images, **self.signature.inputs(inputs or {}))
-        _, _, _, sown, rest = nnx.split(module, nnx.Param, nnx.RngState, nnx.Intermediate, ...)
+        call_inputs = self.signature.inputs(inputs or {})
+        if hasattr(nnx, "capture"):  # flax >= 0.12.6 deprecates a sow outside nnx.capture
+            outputs, sown = nnx.capture(module, nnx.Intermediate)(images, **call_inputs)
+        else:
+            outputs = module(images, **call_inputs)
+            sown = nnx.pop(module, nnx.Intermediate)
         if not train:
             return outputs, collections, nnx.to_pure_dict(sown)
+        _, _, _, rest = nnx.split(module, nnx.Param, nnx.RngState, ...)
         return outputs, nnx.to_pure_dict(rest), nnx.to_pure_dict(sown)
 
 

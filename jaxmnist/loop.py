@@ -9,7 +9,9 @@ are the caller's job.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
@@ -71,6 +73,8 @@ class EpochResult:
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # the loss's own, epoch means
     swept: dict[str, float] = dataclasses.field(default_factory=dict)
     diverged: str | None = None  # a grid's run that diverged (the others go on): where, e.g. "epoch 1, step 3"
+    # The step a resumed run took this epoch up at: ``seconds`` and ``samples_per_second`` count from there.
+    resumed_at_step: int | None = None
 
 
 def best_epoch(history: Sequence[EpochResult]) -> EpochResult | None:
@@ -170,6 +174,27 @@ class DivergenceError(ArithmeticError):
         )
         self.epoch, self.step, self.loss, self.seed, self.values = epoch, step, loss, seed, values or {}
         self.measured = measured
+        # A single run's epoch as measured before the step that diverged (set by ``fit``), for its records.
+        self.partial: EpochResult | None = None
+
+
+@contextlib.contextmanager
+def _measured_until_divergence(config: TrainConfig, progress: Progress, losses: np.ndarray,
+                               accuracies: np.ndarray) -> Iterator[None]:  # fmt: skip
+    """A single run's ``DivergenceError`` raised inside gets ``partial``: the epoch as measured before the step
+    that diverged (its earlier steps and this call's ``losses`` and ``accuracies`` up to it)."""
+    try:
+        yield
+    except DivergenceError as error:
+        if num_runs(config) == 1:
+            kept = losses.shape[-1] if error.step is None else error.step - 1 - progress.position
+            step_losses = np.concatenate([np.ravel(progress.step_losses), np.ravel(losses)[:kept]])
+            step_accuracies = np.concatenate([np.ravel(progress.step_accuracies), np.ravel(accuracies)[:kept]])
+            mean = lambda values: float(np.mean(values, dtype=np.float64)) if len(values) else math.nan
+            error.partial = EpochResult(progress.epoch, mean(step_losses), mean(step_accuracies), math.nan, math.nan,
+                                        math.nan, 0.0, math.nan, seed=config.seed,
+                                        diverged=f"{error.where} ({error.measured} {error.loss:.6g})")  # fmt: skip
+        raise
 
 
 def _run_text(values: dict[str, float], seed: int) -> str:
@@ -254,6 +279,7 @@ def _epoch_results(
     seconds: float,
     compile_seconds: float,
     images_trained: int,
+    resumed_at_step: int | None,
 ) -> tuple[EpochResult, ...]:
     """One result per run; ``evaluations`` and ``learning_rates`` hold one value per run."""
     seeds = [run.seed for run in runs]
@@ -280,6 +306,7 @@ def _epoch_results(
             },
             swept=dict(runs[row].values),
             diverged=progress.diverged.get(row),
+            resumed_at_step=resumed_at_step,
         )
         for row, seed in enumerate(seeds)
     )
@@ -383,8 +410,11 @@ def fit(
             state, metrics = programs.run(state, keys, batches, progress.position, num_steps)
             losses = per_run(metrics["loss"], len(runs))
             seconds += time.perf_counter() - started
-            diverged = _note_divergence(losses, max_loss, progress.epoch, progress.position, runs, progress.diverged)
             accuracies = per_run(metrics["accuracy"], len(runs))
+            with _measured_until_divergence(config, progress, losses, accuracies):
+                diverged = _note_divergence(
+                    losses, max_loss, progress.epoch, progress.position, runs, progress.diverged
+                )
             step_losses = _append_steps(progress.step_losses, losses, len(runs))
             step_accuracies = _append_steps(progress.step_accuracies, accuracies, len(runs))
             own = {name: values for name, values in metrics.items() if name not in STEP_METRICS}
@@ -406,13 +436,21 @@ def fit(
             if progress.position == steps_per_epoch:
                 images_trained = min((steps_per_epoch - first_position) * config.batch_size, len(images))
                 evaluations = {name: programs.evaluate(state, *data) for name, data in evaluation_sets.items()}
-                diverged = _note_evaluation_divergence(evaluations, progress.epoch, runs, progress.diverged)
+                with _measured_until_divergence(config, progress, losses[:, :0], accuracies[:, :0]):
+                    diverged = _note_evaluation_divergence(evaluations, progress.epoch, runs, progress.diverged)
                 progress = dataclasses.replace(progress, diverged=diverged)
                 learning_rates = run.learning_rates(config)  # exact, rather than an injected float32 copy
                 if learning_rates is None and "learning_rate" in metrics:
                     learning_rates = per_run(metrics["learning_rate"], len(runs))[:, -1]
                 results = _epoch_results(
-                    progress, runs, evaluations, learning_rates, seconds, compile_seconds, images_trained
+                    progress,
+                    runs,
+                    evaluations,
+                    learning_rates,
+                    seconds,
+                    compile_seconds,
+                    images_trained,
+                    first_position or None,
                 )
                 progress = dataclasses.replace(progress, results=results, history=(*progress.history, *results))
                 compile_seconds = 0.0

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import math
+import re
 import signal
 import subprocess
 import sys
@@ -64,6 +67,10 @@ def test_resuming_mid_epoch_gives_the_same_losses_and_bit_identical_params(small
         )
         chex.assert_trees_all_equal(resumed[-1].state.params, uninterrupted[-1].state.params)
         assert resumed[-1].result.train_loss == uninterrupted[-1].result.train_loss
+        # An epoch taken up inside says where its seconds (this process's part of it) begin.
+        first_finished = next(progress for progress in resumed if progress.epoch_done).result
+        assert first_finished.resumed_at_step == (stopped.position if not stopped.epoch_done else None)
+        assert uninterrupted[2].result.resumed_at_step is None
 
 
 @pytest.mark.slow
@@ -395,3 +402,22 @@ def test_the_best_epoch_s_file_is_named_only_when_it_holds_this_run_s_settings(t
         assert said.startswith("best epoch 1: val loss 0.5000")
         assert (f"its parameters are in {best}" in said) == named
         assert (f"{best} not written: the checkpoint holds the last epoch's parameters alone" in said) != named
+
+
+@pytest.mark.parametrize("steps_per_call", [None, "2"])
+def test_a_single_run_diverging_in_epoch_1_records_what_was_measured_before(
+    small_mnist_dir: Path, tmp_path: Path, capsys, steps_per_call
+):
+    metrics = tmp_path / "metrics.jsonl"
+    flags = ["--data-dir", str(small_mnist_dir), "--no-verify", "--no-compile-cache", "--lr", "10000",
+             "--batch-size", "4", "--metrics-out", str(metrics)]  # fmt: skip
+    if steps_per_call:
+        flags += ["--checkpoint-dir", str(tmp_path / "ck"), "--checkpoint-every", steps_per_call]
+    assert main(flags) == 1
+    step = int(re.search(r"epoch 1, step (\d+)", capsys.readouterr().err).group(1))
+    (record,) = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert record["epoch"] == 1 and record["diverged"].startswith(f"epoch 1, step {step} (loss ")
+    assert record["test_loss"] is None and record["seconds"] is None
+    # The steps before the one that diverged are the epoch's measured part; with none, no loss.
+    assert (record["train_loss"] is None) == (step == 1)
+    assert step == 1 or math.isfinite(record["train_loss"])

@@ -18,7 +18,7 @@ from jaxmnist.commands.kit import counted
 from jaxmnist.commands.tensorboard import TensorBoardLog
 from jaxmnist.config import TrainConfig, values_label
 from jaxmnist.files import reason, write_atomically
-from jaxmnist.loop import EpochResult, Progress, best_epoch
+from jaxmnist.loop import DivergenceError, EpochResult, Progress, best_epoch
 from jaxmnist.programs import per_run
 from jaxmnist.runs import grid_runs
 
@@ -36,10 +36,11 @@ def epoch_lines(result: EpochResult, config: TrainConfig, previous: EpochResult 
     previous_rate = config.learning_rate if previous is None else previous.learning_rate
     if result.learning_rate is not None and (config.schedule != "constant" or result.learning_rate != previous_rate):
         rate += f"lr {result.learning_rate:.6g}, "
+    resumed = "" if result.resumed_at_step is None else f" since the resume at step {result.resumed_at_step}"
     return (
         f"{compiled}Training loss: {result.train_loss}\n"
         f"  epoch {result.epoch}/{config.epochs}: test loss {result.test_loss:.4f}, "
-        f"test accuracy {result.test_accuracy:.4f}, {validation}{rate}{result.seconds:.2f} s "
+        f"test accuracy {result.test_accuracy:.4f}, {validation}{rate}{result.seconds:.2f} s{resumed} "
         f"({result.samples_per_second:,.0f} images/s)"
     )
 
@@ -254,6 +255,12 @@ class Reporter:
             write_output(self.save_best, saved_model_bytes(self.config, progress.state))
         if self.tensorboard is not None:
             self.tensorboard.epoch(progress.results)
+
+    def diverged(self, error: DivergenceError) -> None:
+        """A single run that diverged: the epoch as measured before it, as the last ``--metrics-out`` record."""
+        if error.partial is not None:
+            self.history = (*self.history, error.partial)
+            self._write_metrics()
 
     def _write_metrics(self) -> None:
         if self.metrics_out is not None:

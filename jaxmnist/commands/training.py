@@ -278,7 +278,7 @@ def _train(
                 mesh=mesh if mesh.size > 1 else None,
                 model=run.model if config.model else None,  # the lesson's MLP: built by fit, per grid row
             )  # fmt: skip
-            for progress in steps:
+            for progress in _recording_divergence(steps, reporter):
                 # The metrics record goes first: a kill before the checkpoint redoes the epoch, and the
                 # resumed run rewrites the file from the checkpoint's history.
                 reporter.update(progress)
@@ -308,6 +308,17 @@ def _train(
         _report_write_failure(error, saved_at, argv, args.checkpoint_dir is not None)
         return EXIT_WRITE_FAILED
     return 0
+
+
+def _recording_divergence(steps, reporter):
+    """``steps``, and a single run's divergence recorded (what was measured of its epoch) before it stops it."""
+    from jaxmnist.loop import DivergenceError
+
+    try:
+        yield from steps
+    except DivergenceError as error:
+        reporter.diverged(error)
+        raise
 
 
 def _report_write_failure(error, saved_at: Path | None, argv: list[str], checkpointing: bool) -> None:

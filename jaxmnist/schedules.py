@@ -49,18 +49,18 @@ def schedule_problem(name: str, arguments: dict[str, Any]) -> str | None:
             return f"{name!r} takes no {key!r} (it takes {', '.join(accepted) or 'no arguments'})"
         if key == "milestones":
             if not (isinstance(value, list | tuple) and value and all(_whole(each, 1) for each in value)):
-                return f"{name!r}'s milestones must be a list of epochs >= 1, e.g. [5,10], got {value!r}"
+                return f"the {name!r} schedule's milestones must be a list of epochs >= 1, e.g. [5,10], got {value!r}"
         elif key == "step_size":
             if not _whole(value, 1):
-                return f"{name!r}'s step_size must be a whole number of epochs >= 1, got {value!r}"
+                return f"the {name!r} schedule's step_size must be a whole number of epochs >= 1, got {value!r}"
         elif isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
-            return f"{name!r}'s {key} must be a finite number >= 0, got {value!r}"
+            return f"the {name!r} schedule's {key} must be a finite number >= 0, got {value!r}"
     missing = [key for key, default in accepted.items() if default is None and key not in arguments]
     if missing:
         example = "[5,10]" if missing[0] == "milestones" else "0.9"
         return f"{name!r} needs {', '.join(missing)} (e.g. {missing[0]}={example})"
     if name == "one-cycle" and not 0 < arguments.get("pct_start", 0.3) < 1:
-        return f"'one-cycle''s pct_start must be in (0, 1), got {arguments['pct_start']!r}"
+        return f"the 'one-cycle' schedule's pct_start must be in (0, 1), got {arguments['pct_start']!r}"
     return None
 
 

@@ -125,6 +125,8 @@ def test_a_grid_of_learning_rates_works_for_any_optax_optimizer():
         (["--schedule", "exponential"], "error: --schedule-args: 'exponential' needs gamma (e.g. gamma=0.9)"),
         (["--schedule", "multistep", "--schedule-args", "milestones=[0]"], "milestones must be a list of epochs"),
         (["--normalize", "0.1"], "--normalize: must be MEAN,STD with STD > 0"),
+        (["--normalize", "0.5,1e-300"], "--normalize 1e-300 is outside float32's range"),
+        (["--normalize", "1e39,1"], "--normalize 1e+39 is outside float32's range"),
         (["--val-split", "1.5"], "--val-split: must be a whole number >= 0 or a fraction in (0, 1)"),
     ],
 )

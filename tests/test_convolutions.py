@@ -148,6 +148,7 @@ def _compiled_convolutions(hlo: str) -> tuple[list[str], set[str]]:
     return labels, with_convolution & by_ynnpack
 
 
+@pytest.mark.slow
 def test_a_cnn_epoch_program_runs_every_convolution_in_the_fast_layout_and_kernels():
     images, labels = make_digits(96, seed=1)
     config = TrainConfig(epochs=1, batch_size=32, optimizer="adam", learning_rate=1e-3)

@@ -106,6 +106,7 @@ def test_a_factory_of_the_users_is_named_like_a_model(tmp_path, monkeypatch):
         build_optimizer(TrainConfig(optimizer="missing.py:adam"), 100)
 
 
+@pytest.mark.slow
 def test_a_grid_of_learning_rates_works_for_any_optax_optimizer():
     images, labels = make_digits(128, seed=1)
     config = TrainConfig(epochs=1, optimizer="rmsprop", optimizer_args="decay=0.99", learning_rate=(0.001, 0.01))
@@ -160,6 +161,7 @@ def test_the_input_transform_and_a_held_out_fraction_are_settings_that_round_tri
                                [-0.1307 / 0.3081, (1 - 0.1307) / 0.3081], rtol=1e-6)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_training_uses_the_transform_the_settings_name():
     images, labels = make_digits(64, seed=2)
     runs = {}
@@ -170,6 +172,7 @@ def test_training_uses_the_transform_the_settings_name():
     assert TrainConfig().normalize == (0.5, 0.5)  # the lesson's transform stays the default
 
 
+@pytest.mark.slow
 def test_saved_parameters_keep_the_transform_and_predict_uses_it(tiny_mnist_dir, tmp_path):
     from jaxmnist.checkpoint import load_saved_model
     from jaxmnist.model import MLP

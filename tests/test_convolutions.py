@@ -81,7 +81,9 @@ OPTIONS = {
 
 
 @pytest.mark.parametrize("option", OPTIONS)
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize(
+    "layout", [pytest.param(name, marks=[pytest.mark.slow] if name != "NCHW" else []) for name in LAYOUTS]
+)
 def test_rewrite_keeps_every_convolution_value_and_gradient_in_float64(layout, option):
     numbers, image_order, kernel_order, out_order = LAYOUTS[layout]
     settings = OPTIONS[option]
@@ -161,6 +163,7 @@ def test_a_cnn_epoch_program_runs_every_convolution_in_the_fast_layout_and_kerne
     assert not run_by_ynnpack
 
 
+@pytest.mark.slow
 def test_the_compiler_options_leave_a_program_without_convolutions_unchanged():
     images, labels = jnp.zeros((128, 28, 28), jnp.uint8), jnp.arange(128) % 10
     state = create_train_state(jax.random.key(0))
@@ -190,6 +193,7 @@ def test_a_scanned_cnn_epoch_equals_its_steps_one_call_at_a_time_in_float64():
             np.testing.assert_allclose(getattr(scanned_epoch, name), getattr(stepped_epoch, name), rtol=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["PyTorchExampleNet", "FlaxExampleCNN"])
 def test_the_reference_cnns_have_their_pytorch_twins_sizes_and_output_shapes(name):
     torch = pytest.importorskip("torch", reason="PyTorch is not installed: see the README (its CPU build)")

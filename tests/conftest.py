@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -125,3 +126,19 @@ def kept(progresses) -> list:
     import jax.numpy as jnp
 
     return [dataclasses.replace(progress, state=jax.tree.map(jnp.copy, progress.state)) for progress in progresses]
+
+
+def tensorboard_events(folder: Path) -> list:
+    """Every event in the folder's event files, read as plain TFRecords of tensorboardX's Event protos."""
+    from tensorboardX.proto import event_pb2
+
+    events = []
+    for path in sorted(folder.rglob("events.out.tfevents.*")):
+        content = path.read_bytes()
+        while content:
+            (length,) = struct.unpack("<Q", content[:8])
+            event = event_pb2.Event()
+            event.ParseFromString(content[12 : 12 + length])
+            events.append(event)
+            content = content[12 + length + 4 :]
+    return events

@@ -19,7 +19,7 @@ import pytest
 
 from jaxmnist import checkpoint
 
-from conftest import wait_for
+from conftest import tensorboard_events, wait_for
 
 pytestmark = pytest.mark.slow  # whole runs killed and resumed in subprocesses
 
@@ -93,6 +93,31 @@ def test_ten_kills_at_moments_the_run_reports_then_the_same_command_ends_like_th
     assert _losses(tmp_path / "m.jsonl") == losses  # one record per epoch, none missing or repeated
     assert _final_params(folder) == params
     assert not list(folder.glob(".*.tmp"))
+
+
+def _logged_batch_steps(folder: Path) -> set[int]:
+    return {event.step for event in tensorboard_events(folder) for value in event.summary.value
+            if value.tag == "batch/loss"}  # fmt: skip
+
+
+def test_what_tensorboard_logged_before_a_checkpoint_survives_the_kill_that_follows_it(
+    small_mnist_dir: Path, tmp_path: Path
+):
+    """Every batch loss up to the newest checkpoint's step is in the event files after a SIGKILL, and so is
+    every epoch's scalar: kills once a checkpoint has passed a random step, each run resuming the last."""
+    pytest.importorskip("tensorboardX", reason="pip install 'jaxmnist[tensorboard]'")
+    folder, events = tmp_path / "ck", tmp_path / "tb"
+    command = _command(small_mnist_dir, folder, tmp_path / "m.jsonl", "--tensorboard", str(events),
+                       "--tensorboard-every", "1")  # fmt: skip
+    targets = sorted(random.Random(34).sample(range(20, 3 * 75 - 40), 3))
+    for index, step in enumerate(targets):
+        assert _kill_when(command, tmp_path / f"run-{index}.log", lambda log, step=step: _newest_step(folder) >= step)
+        saved = _newest_step(folder)
+        assert set(range(1, saved + 1)) <= _logged_batch_steps(events), f"killed after the checkpoint of step {saved}"
+        epochs_done = saved // 75
+        epoch_steps = {event.step for event in tensorboard_events(events) for value in event.summary.value
+                       if value.tag == "epoch/train_loss"}  # fmt: skip
+        assert set(range(1, epochs_done + 1)) <= epoch_steps
 
 
 def test_a_reader_that_closes_the_pipe_costs_the_run_nothing(small_mnist_dir: Path, uninterrupted, tmp_path: Path):

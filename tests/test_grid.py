@@ -33,7 +33,7 @@ from jaxmnist.runs import RunError, build_run, estimated_bytes, grid_runs, initi
 from jaxmnist.sweeps import best_configuration, final_results, summarize
 from jaxmnist.train import evaluate
 
-from conftest import kept, make_digits, template_state, train_exit_code
+from conftest import kept, make_digits, template_state, tensorboard_events, train_exit_code
 
 
 @pytest.fixture(scope="module")
@@ -390,7 +390,6 @@ def test_a_grid_goes_on_without_its_diverged_runs_each_other_run_as_alone(small_
 
 def test_the_command_warns_of_a_diverged_run_and_its_table_says_so(tiny_mnist_dir: Path, tmp_path: Path, capsys):
     pytest.importorskip("tensorboardX", reason="pip install 'jaxmnist[tensorboard]'")
-    from test_training_tool import _events
 
     metrics, params = tmp_path / "m.jsonl", tmp_path / "p.msgpack"
     flags = ["--epochs", "1", "--batch-size", "32", "--lr", "0.05,1e4", "--metrics-out", str(metrics),
@@ -406,7 +405,7 @@ def test_the_command_warns_of_a_diverged_run_and_its_table_says_so(tiny_mnist_di
         (True, False), (False, True)
     ]  # fmt: skip
     # TensorBoard and predict leave the diverged run out, as the table does.
-    diverged_tags = {value.tag for event in _events(tmp_path / "tb" / "learning_rate=10000")
+    diverged_tags = {value.tag for event in tensorboard_events(tmp_path / "tb" / "learning_rate=10000")
                      for value in event.summary.value}  # fmt: skip
     assert not any(tag.startswith(("epoch/", "hparam/", "batch/")) for tag in diverged_tags)
     Image.fromarray(make_digits(1, seed=5)[0][0]).save(tmp_path / "digit.png")
@@ -624,7 +623,6 @@ def test_one_run_on_each_device_trains_by_the_single_run_s_program_to_the_bit(sm
 def test_a_grid_writes_one_tensorboard_folder_per_configuration_and_one_plot_band_each(tiny_mnist_dir: Path,
                                                                                        tmp_path: Path):  # fmt: skip
     pytest.importorskip("tensorboardX", reason="pip install 'jaxmnist[tensorboard]'")
-    from test_training_tool import _events
 
     flags = ["--epochs", "2", "--batch-size", "32", "--optimizer", "momentum", "--lr", "0.01,0.05", "--momentum",
              "0.5,0.9", "--seeds", "2", "--val-split", "60", "--tensorboard", str(tmp_path / "tb"),
@@ -633,7 +631,7 @@ def test_a_grid_writes_one_tensorboard_folder_per_configuration_and_one_plot_ban
     folders = sorted(path.name for path in (tmp_path / "tb").iterdir())
     assert folders == [f"learning_rate={rate},momentum={momentum}" for rate in (0.01, 0.05) for momentum in (0.5, 0.9)]
     for folder in folders:
-        tags = {value.tag for event in _events(tmp_path / "tb" / folder) for value in event.summary.value}
+        tags = {value.tag for event in tensorboard_events(tmp_path / "tb" / folder) for value in event.summary.value}
         assert {"epoch/val_loss", "epoch/val_loss_min", "epoch/train_loss_max", "batch/loss", "hparam/val_loss"} <= tags
     assert Image.open(tmp_path / "grid.png").size[0] > 0
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import struct
 from pathlib import Path
 
 import chex
@@ -25,7 +24,7 @@ from jaxmnist.recipe import build_model
 from jaxmnist.runs import hold_out
 from jaxmnist.train import create_train_state, evaluate, train_epoch, train_step
 
-from conftest import kept, make_digits, template_state, train_exit_code
+from conftest import kept, make_digits, template_state, tensorboard_events, train_exit_code
 
 
 @pytest.fixture(autouse=True)
@@ -186,22 +185,6 @@ def test_a_scheduled_run_may_not_resume_with_another_length(digits, tmp_path: Pa
         restore_progress(path, other, template_state(other, 320))
 
 
-def _events(folder: Path) -> list:
-    """Every event in the folder's event files, read as plain TFRecords of tensorboardX's Event protos."""
-    from tensorboardX.proto import event_pb2
-
-    events = []
-    for path in sorted(folder.rglob("events.out.tfevents.*")):
-        content = path.read_bytes()
-        while content:
-            (length,) = struct.unpack("<Q", content[:8])
-            event = event_pb2.Event()
-            event.ParseFromString(content[12 : 12 + length])
-            events.append(event)
-            content = content[12 + length + 4 :]
-    return events
-
-
 @pytest.mark.slow
 def test_the_command_runs_it_all_and_writes_readable_tensorboard_files(tiny_mnist_dir: Path, tmp_path: Path, capsys):
     pytest.importorskip("tensorboardX", reason="pip install 'jaxmnist[tensorboard]'")
@@ -220,7 +203,7 @@ def test_the_command_runs_it_all_and_writes_readable_tensorboard_files(tiny_mnis
     assert all({"learning_rate", "val_loss", "val_accuracy"} <= set(record) for record in records)
     assert records[0]["learning_rate"] > records[-1]["learning_rate"]
     tags = {}
-    for event in _events(tmp_path / "tb"):
+    for event in tensorboard_events(tmp_path / "tb"):
         for value in event.summary.value:
             tags.setdefault(value.tag, []).append((event.step, value.simple_value))
     assert [step for step, _ in tags["epoch/val_loss"]] == [1, 2, 3, 4]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,49 @@ def _folder_name(values: dict[str, float]) -> str:
     return ",".join(f"{name}={value_text(value)}" for name, value in values.items())
 
 
+class EventFile:
+    """One folder's TensorBoard event file, written by the calling thread: tensorboardX's ``SummaryWriter``
+    queues events for a thread of its own, whose ``flush`` leaves the queued ones unwritten, so a kill lost
+    them; here ``flush`` puts every event added so far on disk.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     log = EventFile(Path(folder) / "run")
+        ...     log.add_scalar("epoch/test_loss", 0.25, 1)
+        ...     log.close()
+        ...     [path.name.startswith("events.out.tfevents.") for path in (Path(folder) / "run").iterdir()]
+        [True]
+    """
+
+    def __init__(self, folder: Path):
+        from tensorboardX.event_file_writer import EventsWriter
+
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self._events = EventsWriter(str(folder / "events"))
+
+    def add_summary(self, summary, step: int | None = None) -> None:
+        """A tensorboardX ``Summary`` (e.g. of ``tensorboardX.summary.scalar``) at ``step``."""
+        from tensorboardX.proto.event_pb2 import Event
+
+        event = Event(wall_time=time.time(), summary=summary)
+        if step is not None:
+            event.step = step
+        self._events.write_event(event)
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        from tensorboardX.summary import scalar
+
+        self.add_summary(scalar(tag, value), step)
+
+    def flush(self) -> None:
+        self._events.flush()
+
+    def close(self) -> None:
+        self._events.close()
+
+
 class TensorBoardLog:
     """Per-epoch scalars (losses, accuracies, learning rate), the batch loss every ``every`` steps, and the
     run's settings as hparams (written at the end, with the best or final metrics).
@@ -38,8 +82,6 @@ class TensorBoardLog:
     its seeds and hparams holding its values."""
 
     def __init__(self, folder: Path, config: TrainConfig, steps_per_epoch: int, every: int):
-        from tensorboardX import SummaryWriter
-
         from jaxmnist.runs import grid_runs
 
         self.config, self.steps_per_epoch, self.every = config, steps_per_epoch, every
@@ -48,7 +90,7 @@ class TensorBoardLog:
         for row in dict.fromkeys(run.row for run in runs):
             members = [position for position, run in enumerate(runs) if run.row == row]
             values = runs[members[0]].values
-            writer = SummaryWriter(logdir=str(folder / _folder_name(values) if values else folder))
+            writer = EventFile(folder / _folder_name(values) if values else folder)
             self.groups.append((writer, members, values))
 
     def steps(self, progress: Progress, first_position: int) -> None:
@@ -61,6 +103,7 @@ class TensorBoardLog:
                     going = [member for member in members if member not in progress.diverged]
                     if going:
                         writer.add_scalar("batch/loss", float(np.mean(losses[going, position])), before + position + 1)
+        self.flush()  # on disk as each compiled call ends: TensorBoard shows the run as it trains
 
     def epoch(self, results: tuple[EpochResult, ...]) -> None:
         """The epoch's scalars; with several seeds their mean, and ``_min``/``_max`` beside it. A grid's
@@ -69,10 +112,10 @@ class TensorBoardLog:
             going = [results[member] for member in members if not results[member].diverged]
             if going:
                 _epoch_scalars(writer, going)
+        self.flush()
 
     def flush(self) -> None:
-        """The event files' buffers onto disk (before a checkpoint: a run killed after it resumes from there);
-        tensorboardX's writer thread may still hold the newest events in its queue."""
+        """Every event logged so far onto disk (before a checkpoint: a run killed after it resumes from there)."""
         for writer, _, _ in self.groups:
             writer.flush()
 
@@ -82,7 +125,7 @@ class TensorBoardLog:
             going = [result for result in history if result.swept == values
                      and (tuple(values.items()), result.seed) not in diverged]  # fmt: skip
             if going:
-                _hparams(writer, self.config, values, going)
+                _hparams(writer.folder / "hparams", self.config, values, going)
             writer.close()
 
 
@@ -99,10 +142,9 @@ def _epoch_scalars(writer, results: list[EpochResult]) -> None:
     for name in results[0].metrics:  # the loss's own metrics, the mean of the seeds'
         mean = float(np.mean([result.metrics[name] for result in results]))
         writer.add_scalar(f"epoch/{name}", mean, results[0].epoch)
-    writer.flush()
 
 
-def _hparams(writer, config: TrainConfig, values: dict[str, float], history: list[EpochResult]) -> None:
+def _hparams(folder: Path, config: TrainConfig, values: dict[str, float], history: list[EpochResult]) -> None:
     """The settings (a grid configuration's own values in place of the lists) and the final metrics, as the
     mean of the seeds' for a grid configuration."""
     last = [result for result in history if result.epoch == history[-1].epoch]
@@ -115,5 +157,12 @@ def _hparams(writer, config: TrainConfig, values: dict[str, float], history: lis
     best = None if values else best_epoch(history)
     if best is not None:
         metrics.update({"hparam/best_val_loss": best.val_loss, "hparam/best_epoch": best.epoch})
-    hparams = {name: _hparam(value) for name, value in {**config_to_dict(config), **values}.items()}
-    writer.add_hparams(hparams, metrics, name="hparams")
+    from tensorboardX.summary import hparams
+
+    settings = {name: _hparam(value) for name, value in {**config_to_dict(config), **values}.items()}
+    writer = EventFile(folder)  # TensorBoard's HParams tab reads the three summaries and the metrics beside them
+    for summary in hparams(settings, metrics):
+        writer.add_summary(summary)
+    for name, value in metrics.items():
+        writer.add_scalar(name, value, 0)
+    writer.close()

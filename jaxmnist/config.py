@@ -167,7 +167,8 @@ class TrainConfig:
     optimizer: str = setting(
         "sgd",
         "the optimizer: sgd (default, the lesson's), momentum, nesterov, adam, adamw, any other optax optimizer by "
-        "name (adadelta, rmsprop, adagrad, lamb, lion, ...), or FILE.py:NAME / package.module:NAME, a function "
+        "name (adadelta, rmsprop, adagrad, lamb, lion, ...), torch_adagrad (torch.optim.Adagrad's formula), or "
+        "FILE.py:NAME / package.module:NAME, a function "
         "taking learning_rate and returning an optax GradientTransformation",
         flag="--optimizer",
         kind="optimizer",

@@ -3,6 +3,7 @@
 A name is one of
 
 - ``momentum`` or ``nesterov``: optax's ``sgd`` with (Nesterov) momentum, as the lesson's flags offer;
+- ``torch_adagrad``: Adagrad as ``torch.optim.Adagrad`` computes it (optax's ``adagrad`` differs);
 - any optimizer function of optax (``sgd``, ``adam``, ``adamw``, ``adadelta``, ``rmsprop``, ``lion``, ...):
   one that takes ``learning_rate`` and returns a ``GradientTransformation``;
 - ``FILE.py:NAME`` or ``package.module:NAME``: such a function of the caller's.
@@ -18,6 +19,8 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import optax
 
 from jaxmnist.arguments import Arguments, check_arguments
@@ -25,6 +28,71 @@ from jaxmnist.model_source import ModelSpecError, load_attribute
 
 OptimizerFactory = Callable[..., optax.GradientTransformation]
 SHORTCUTS = {"momentum": {"nesterov": False}, "nesterov": {"nesterov": True}}
+
+
+def scale_by_root_sum_of_squares(initial_accumulator_value: float = 0.0, eps: float = 1e-10
+                                 ) -> optax.GradientTransformation:  # fmt: skip
+    """Divides each update by the root of the sum of its squares to date plus ``eps``: Adagrad's scaling as
+    PyTorch computes it (optax's ``scale_by_rss`` adds ``eps`` under the root, which rescales small sums).
+
+    Args:
+        initial_accumulator_value: the sums' starting value.
+        eps: added to the root, so a gradient that has always been 0 stays 0.
+
+    Returns:
+        The ``optax.GradientTransformation``; its state holds the sums (``sum_of_squares``).
+
+    Example:
+        >>> transform = scale_by_root_sum_of_squares()
+        >>> updates, state = transform.update(jnp.array([3.0, 0.0]), transform.init(jnp.zeros(2)))
+        >>> updates.tolist(), state.sum_of_squares.tolist()
+        ([1.0, 0.0], [9.0, 0.0])
+    """
+
+    def init(params: optax.Params) -> optax.ScaleByRssState:
+        return optax.ScaleByRssState(jax.tree.map(lambda leaf: jnp.full_like(leaf, initial_accumulator_value), params))
+
+    def update(updates: optax.Updates, state: optax.ScaleByRssState, params: optax.Params | None = None):
+        del params
+        sums = jax.tree.map(lambda update, total: total + update * update, updates, state.sum_of_squares)
+        updates = jax.tree.map(lambda update, total: update / (jnp.sqrt(total) + eps), updates, sums)
+        return updates, optax.ScaleByRssState(sums)
+
+    return optax.GradientTransformation(init, update)
+
+
+def torch_adagrad(
+    learning_rate: optax.ScalarOrSchedule,
+    lr_decay: float = 0.0,
+    weight_decay: float = 0.0,
+    initial_accumulator_value: float = 0.0,
+    eps: float = 1e-10,
+) -> optax.GradientTransformation:
+    """Adagrad as ``torch.optim.Adagrad`` computes it, with its arguments and defaults.
+
+    Args:
+        learning_rate: the rate, or an optax schedule of it.
+        lr_decay: step ``t`` (from 1) uses ``learning_rate / (1 + (t - 1) * lr_decay)``.
+        weight_decay: adds ``weight_decay * param`` to the gradient first.
+        initial_accumulator_value: the sums of squares' starting value.
+        eps: added to their root.
+
+    Returns:
+        The ``optax.GradientTransformation``.
+
+    Example:
+        >>> optimizer = torch_adagrad(0.5)  # the first step moves each weight by the rate
+        >>> updates, _ = optimizer.update(jnp.array([2.0, -0.5]), optimizer.init(jnp.zeros(2)))
+        >>> updates.tolist()
+        [-0.5, 0.5]
+    """
+    decay = [optax.add_decayed_weights(weight_decay)] if weight_decay else []
+    rate_decay = [optax.scale_by_schedule(lambda count: 1 / (1 + count * lr_decay))] if lr_decay else []
+    return optax.chain(*decay, scale_by_root_sum_of_squares(initial_accumulator_value, eps), *rate_decay,
+                       optax.scale_by_learning_rate(learning_rate))  # fmt: skip
+
+
+OWN_OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {"torch_adagrad": torch_adagrad}
 
 
 def _takes_learning_rate(function: Any) -> bool:
@@ -55,7 +123,7 @@ def optimizer_factory(name: str) -> OptimizerFactory:
     """The function ``name`` stands for, taking ``learning_rate`` and keyword arguments.
 
     Args:
-        name: ``momentum``, ``nesterov``, an optax optimizer's name, or ``FILE.py:NAME`` /
+        name: ``momentum``, ``nesterov``, ``torch_adagrad``, an optax optimizer's name, or ``FILE.py:NAME`` /
             ``package.module:NAME``.
 
     Returns:
@@ -71,6 +139,8 @@ def optimizer_factory(name: str) -> OptimizerFactory:
     """
     if name in SHORTCUTS:
         return functools.partial(optax.sgd, **SHORTCUTS[name])
+    if name in OWN_OPTIMIZERS:
+        return OWN_OPTIMIZERS[name]
     if ":" in name:
         try:
             factory = load_attribute(name, "optimizer")
@@ -82,7 +152,7 @@ def optimizer_factory(name: str) -> OptimizerFactory:
         return factory
     names = optax_optimizer_names()
     if name not in names:
-        close = difflib.get_close_matches(name, (*SHORTCUTS, *names), n=3)
+        close = difflib.get_close_matches(name, (*SHORTCUTS, *OWN_OPTIMIZERS, *names), n=3)
         suggestion = f"; did you mean {' or '.join(close)}?" if close else "; any optax optimizer's name"
         raise ValueError(f"`optimizer`={name!r} is not an optax optimizer{suggestion}")
     return getattr(optax, name)

@@ -54,6 +54,16 @@ CASES = {
         dict(optimizer="rmsprop", optimizer_args="decay=0.99,eps=1e-8,eps_in_sqrt=False", learning_rate=1e-3),
         lambda p: torch.optim.RMSprop(p, lr=1e-3, alpha=0.99, eps=1e-8), None, False,
     ),
+    "adagrad": (
+        dict(optimizer="torch_adagrad", learning_rate=0.05),
+        lambda p: torch.optim.Adagrad(p, lr=0.05), None, False,
+    ),
+    "adagrad-decays": (
+        dict(optimizer="torch_adagrad", optimizer_args="lr_decay=0.01,weight_decay=0.001,initial_accumulator_value=0.1",
+             learning_rate=0.05),
+        lambda p: torch.optim.Adagrad(p, lr=0.05, lr_decay=0.01, weight_decay=0.001, initial_accumulator_value=0.1),
+        None, False,
+    ),
     "step": (
         dict(schedule="step", schedule_args="step_size=1,gamma=0.7", learning_rate=0.1),
         lambda p: torch.optim.SGD(p, lr=0.1), lambda o: lr_scheduler.StepLR(o, step_size=1, gamma=0.7), False,

@@ -24,7 +24,7 @@ from flax import serialization, traverse_util
 from jaxmnist.config import TrainConfig, config_from_dict, config_to_dict, value_text
 from jaxmnist.files import PathArg, remove_temporary_files, write_atomically
 from jaxmnist.loop import EpochResult, Progress
-from jaxmnist.runs import run_keys
+from jaxmnist.plan import RunPlan, plan_of
 from jaxmnist.train import TrainState
 
 FORMAT = "jaxmnist-checkpoint"
@@ -91,26 +91,27 @@ def checkpoint_path(directory: PathArg, step: int) -> Path:
     return Path(directory) / f"ckpt-{step:08d}.msgpack"
 
 
-def save_checkpoint(directory: PathArg, config: TrainConfig, progress: Progress, keep: int = 3) -> Path:
-    """Writes ``progress``, the results of its finished epochs included, as the newest checkpoint.
+def save_checkpoint(directory: PathArg, config: TrainConfig | RunPlan, progress: Progress, keep: int = 3) -> Path:
+    """Writes ``progress`` of the run of ``config`` (the settings or their plan), the results of its finished
+    epochs included, as the newest checkpoint.
 
     Only the ``keep`` newest checkpoints stay. The write is atomic: a failure (e.g. a full disk) raises
     ``OSError`` and leaves the earlier checkpoints as they were, with no temporary file behind.
     """
-    directory = Path(directory)
+    directory, plan = Path(directory), plan_of(config)
     directory.mkdir(parents=True, exist_ok=True)
     progress = progress.continuation()
     payload = {
         "format": FORMAT,
         "version": VERSION,
-        "config": json.dumps(config_to_dict(config)),
+        "config": json.dumps(config_to_dict(plan.config)),
         "epoch": progress.epoch,
         "position": progress.position,
         "state": serialization.to_state_dict(progress.state),
         "step_losses": np.asarray(progress.step_losses),
         "step_accuracies": np.asarray(progress.step_accuracies),
         "step_metrics": {name: np.asarray(values) for name, values in progress.step_metrics.items()},
-        "data_key": np.asarray(jax.random.key_data(run_keys(config.seed)[1])),
+        "data_key": np.asarray(jax.random.key_data(plan.data_keys[0])),
         "results": json.dumps([dataclasses.asdict(result) for result in progress.history]),
         "diverged": json.dumps(progress.diverged),
     }
@@ -163,17 +164,18 @@ def tree_difference(saved: Any, template: Any) -> str | None:
     return None
 
 
-def restore_progress(path: PathArg, config: TrainConfig, template: TrainState) -> Progress:
-    """The progress saved in ``path``, checked against ``config`` (settings that change the math must match)
-    and restored onto ``template``, the run's own initial state (``jaxmnist.runs.initial_state``).
+def restore_progress(path: PathArg, config: TrainConfig | RunPlan, template: TrainState) -> Progress:
+    """The progress saved in ``path``, checked against ``config`` (the settings or their plan: the settings
+    that change the math must match) and restored onto ``template``, the run's own initial state
+    (``jaxmnist.runs.initial_state``).
 
     Raises:
         CheckpointError: another configuration, or the state of another model or optimizer (named).
         DamagedCheckpointError: the file cannot be read.
     """
-    path = Path(path)
+    path, plan = Path(path), plan_of(config)
     saved_config, payload = read_checkpoint(path)
-    differences = config_differences(saved_config, config)
+    differences = config_differences(saved_config, plan.config)
     if differences:
         each = "; ".join(
             f"`{field}` is {_shown(saved)} in the checkpoint but {_shown(current)} now"
@@ -188,7 +190,7 @@ def restore_progress(path: PathArg, config: TrainConfig, template: TrainState) -
     try:
         state = serialization.from_state_dict(template, payload["state"])
         saved_key = np.asarray(payload["data_key"])
-        if not np.array_equal(saved_key, np.asarray(jax.random.key_data(run_keys(config.seed)[1]))):
+        if not np.array_equal(saved_key, np.asarray(jax.random.key_data(plan.data_keys[0]))):
             raise ValueError("its RNG state does not match its seed")
         progress = Progress(
             state=jax.device_put(state),
@@ -205,7 +207,8 @@ def restore_progress(path: PathArg, config: TrainConfig, template: TrainState) -
     return progress
 
 
-def resume(directory: PathArg, config: TrainConfig, template: TrainState) -> tuple[Restored | None, list[str]]:
+def resume(directory: PathArg, config: TrainConfig | RunPlan, template: TrainState
+           ) -> tuple[Restored | None, list[str]]:  # fmt: skip
     """The newest intact checkpoint in ``directory`` restored onto ``template`` (the run's initial state),
     and a line for each newer one that is damaged.
 
@@ -215,12 +218,12 @@ def resume(directory: PathArg, config: TrainConfig, template: TrainState) -> tup
     Raises:
         CheckpointError: every checkpoint is damaged, or one is of another configuration.
     """
-    directory = Path(directory)
+    directory, plan = Path(directory), plan_of(config)
     remove_temporary_files(directory, "ckpt-")
     damaged = []
     for path in reversed(checkpoint_paths(directory)):
         try:
-            return Restored(path, restore_progress(path, config, template)), damaged
+            return Restored(path, restore_progress(path, plan, template)), damaged
         except DamagedCheckpointError as error:
             damaged.append(str(error))
     if damaged:

@@ -22,13 +22,13 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from jaxmnist.config import TrainConfig, num_runs, value_text
+from jaxmnist.config import TrainConfig, value_text
 from jaxmnist.model_source import Model, ModelSource
 from jaxmnist.normalization import normalize
 from jaxmnist.parallel import replicate, runs_sharded, shard_runs
+from jaxmnist.plan import GridRun, RunPlan
 from jaxmnist.programs import Programs, per_run
 from jaxmnist.runs import (
-    GridRun,
     Run,
     RunError,
     build_run,
@@ -36,7 +36,6 @@ from jaxmnist.runs import (
     check_labels,
     count_classes,
     first_run_shapes,
-    grid_runs,
     hold_out,
     initial_state,
 )
@@ -108,8 +107,8 @@ class Progress:
 
     ``epoch`` is the epoch in progress (from 1), ``position`` the number of its steps done, and
     ``step_losses``/``step_accuracies`` its per-step metrics so far (``(steps,)``, or ``(runs, steps)``
-    for several runs). ``results`` are set when the call ended the epoch, one per run in
-    ``jaxmnist.runs.grid_runs`` order (then ``position`` equals the epoch's number of batches);
+    for several runs). ``results`` are set when the call ended the epoch, one per run in the order of
+    ``jaxmnist.plan.RunPlan.runs`` (then ``position`` equals the epoch's number of batches);
     ``history`` holds the results of every finished epoch, this one included. With several runs (seeds,
     grid rows), ``state`` has a leading run axis.
     """
@@ -179,20 +178,20 @@ class DivergenceError(ArithmeticError):
 
 
 @contextlib.contextmanager
-def _measured_until_divergence(config: TrainConfig, progress: Progress, losses: np.ndarray,
+def _measured_until_divergence(plan: RunPlan, progress: Progress, losses: np.ndarray,
                                accuracies: np.ndarray) -> Iterator[None]:  # fmt: skip
     """A single run's ``DivergenceError`` raised inside gets ``partial``: the epoch as measured before the step
     that diverged (its earlier steps and this call's ``losses`` and ``accuracies`` up to it)."""
     try:
         yield
     except DivergenceError as error:
-        if num_runs(config) == 1:
+        if not plan.stacked:
             kept = losses.shape[-1] if error.step is None else error.step - 1 - progress.position
             step_losses = np.concatenate([np.ravel(progress.step_losses), np.ravel(losses)[:kept]])
             step_accuracies = np.concatenate([np.ravel(progress.step_accuracies), np.ravel(accuracies)[:kept]])
             mean = lambda values: float(np.mean(values, dtype=np.float64)) if len(values) else math.nan
             error.partial = EpochResult(progress.epoch, mean(step_losses), mean(step_accuracies), math.nan, math.nan,
-                                        math.nan, 0.0, math.nan, seed=config.seed,
+                                        math.nan, 0.0, math.nan, seed=plan.config.seed,
                                         diverged=f"{error.where} ({error.measured} {error.loss:.6g})")  # fmt: skip
         raise
 
@@ -207,11 +206,11 @@ def _listed(items: Sequence[str], at_most: int = 3) -> str:
     return "; ".join(items[:at_most]) + more
 
 
-def start_of_run(config: TrainConfig, run: Run, runs_sharding: jax.sharding.Sharding | None = None) -> Progress:
+def start_of_run(run: Run, runs_sharding: jax.sharding.Sharding | None = None) -> Progress:
     """The progress of ``run`` before its first step (``runs_sharding``: see ``initial_state``)."""
-    runs = num_runs(config)
-    empty = np.zeros((runs, 0) if runs > 1 else 0, np.dtype(config.dtype))
-    state = initial_state(config, run, runs_sharding)
+    plan = run.plan
+    empty = np.zeros((plan.num_runs, 0) if plan.stacked else 0, np.dtype(plan.config.dtype))
+    state = initial_state(run, runs_sharding)
     return Progress(state, epoch=1, position=0, step_losses=empty, step_accuracies=empty)
 
 
@@ -220,7 +219,7 @@ def _append_steps(done: np.ndarray, new: jax.Array | np.ndarray, runs: int) -> n
     return np.concatenate([per_run(done, runs), per_run(new, runs)], axis=1).reshape(*done.shape[:-1], -1)
 
 
-def _note_divergence(losses: np.ndarray, max_loss: float, epoch: int, position: int, runs: list[GridRun],
+def _note_divergence(losses: np.ndarray, max_loss: float, epoch: int, position: int, runs: Sequence[GridRun],
                      diverged: dict[int, str]) -> dict[int, str]:  # fmt: skip
     """``diverged`` and the runs whose loss diverged in these steps (``losses``: one row per run).
 
@@ -236,7 +235,7 @@ def _note_divergence(losses: np.ndarray, max_loss: float, epoch: int, position: 
     return _recorded(errors, runs, diverged)
 
 
-def _note_evaluation_divergence(evaluations: dict[str, Metrics], epoch: int, runs: list[GridRun],
+def _note_evaluation_divergence(evaluations: dict[str, Metrics], epoch: int, runs: Sequence[GridRun],
                                 diverged: dict[int, str]) -> dict[int, str]:  # fmt: skip
     """As ``_note_divergence``, for runs whose evaluation losses after the epoch are not finite: the batch
     losses are taken before each update, so the epoch's last update can leave non-finite parameters unseen."""
@@ -249,13 +248,13 @@ def _note_evaluation_divergence(evaluations: dict[str, Metrics], epoch: int, run
     return _recorded(errors, runs, diverged)
 
 
-def _divergence(runs: list[GridRun], row: int, epoch: int, step: int | None, loss: float,
+def _divergence(runs: Sequence[GridRun], row: int, epoch: int, step: int | None, loss: float,
                 measured: str = "loss") -> DivergenceError:  # fmt: skip
     seed = runs[row].seed if len(runs) > 1 else None
     return DivergenceError(epoch, step, loss, seed, runs[row].values, measured=measured)
 
 
-def _recorded(errors: dict[int, DivergenceError], runs: list[GridRun], diverged: dict[int, str]) -> dict[int, str]:
+def _recorded(errors: dict[int, DivergenceError], runs: Sequence[GridRun], diverged: dict[int, str]) -> dict[int, str]:
     """``diverged`` with the runs of ``errors`` added; raises the first error when a run that is not one of a
     grid diverged, or when no run of the grid is left."""
     if not errors:
@@ -273,7 +272,7 @@ def _recorded(errors: dict[int, DivergenceError], runs: list[GridRun], diverged:
 
 def _epoch_results(
     progress: Progress,
-    runs: list[GridRun],
+    runs: Sequence[GridRun],
     evaluations: dict[str, Metrics],
     learning_rates: Sequence[float] | np.ndarray | None,
     seconds: float,
@@ -313,7 +312,7 @@ def _epoch_results(
 
 
 def fit(
-    config: TrainConfig,
+    config: TrainConfig | RunPlan | Run,
     train_data: ArrayPair,
     test_data: ArrayPair,
     start: Progress | None = None,
@@ -331,11 +330,13 @@ def fit(
     Before the first step the labels are checked against the model's number of outputs.
 
     Args:
-        config: the run's settings; ``config.val_split`` of the training images are held out
-            (``jaxmnist.runs.hold_out``) and evaluated after every epoch; ``config.seeds`` runs train
-            together, each from its own initialization, for every combination of the values of the
-            settings given as tuples (a grid: ``learning_rate``, ``momentum``, ``weight_decay``,
-            ``dropout``), all as one compiled program; each run's results equal its values' run alone.
+        config: the run's settings (or their ``jaxmnist.plan.RunPlan``, or a ``jaxmnist.runs.Run`` built
+            by ``build_run``, whose model, optimizer and loss it trains); ``config.val_split`` of the
+            training images are held out (``jaxmnist.runs.hold_out``) and evaluated after every epoch;
+            ``config.seeds`` runs train together, each from its own initialization, for every combination
+            of the values of the settings given as tuples (a grid: ``learning_rate``, ``momentum``,
+            ``weight_decay``, ``dropout``), all as one compiled program; each run's results equal its
+            values' run alone.
         train_data: uint8 images ``(N, H, W)`` or ``(N, H, W, C)`` of any size, and int labels.
         test_data: the same for evaluation after every epoch.
         start: where to continue from (e.g. a restored checkpoint); its state must be of the same model
@@ -372,10 +373,11 @@ def fit(
     image_shape = check_images(train_data[0], "train_data")
     if check_images(test_data[0], "test_data") != image_shape:
         raise RunError(f"`test_data` images are {test_data[0].shape[1:]}, `train_data` images {image_shape}")
-    run = build_run(config, image_shape, len(train_data[0]), model, optimizer, loss)
-    runs = grid_runs(config)
+    run = _run_to_train(config, image_shape, len(train_data[0]), model, optimizer, loss)
+    plan = run.plan
+    config, runs = plan.config, plan.runs
     runs_sharding = runs_sharded(mesh, len(runs)) if mesh is not None and len(runs) > 1 else None
-    progress = start_of_run(config, run, runs_sharding) if start is None else start
+    progress = start_of_run(run, runs_sharding) if start is None else start
     one_run_state = progress.state  # of several runs, the first one's shapes: the checks need no more
     if len(runs) > 1:
         one_run_state = first_run_shapes(progress.state)
@@ -397,10 +399,10 @@ def fit(
         for name, data in evaluation_sets.items()
     }
     steps_per_epoch = num_batches(len(images), config.batch_size)
-    programs = Programs(config, state, images, labels, min(steps_per_call or steps_per_epoch, steps_per_epoch), mesh)
+    programs = Programs(plan, state, images, labels, min(steps_per_call or steps_per_epoch, steps_per_epoch), mesh)
     compile_seconds = programs.compile_seconds
     while not run_complete(config, progress):
-        keys = programs.epoch_keys(progress.epoch)
+        keys = plan.epoch_keys(progress.epoch)
         whole_epoch = config.loop == "scan" and progress.position == 0 and programs.chunk == steps_per_epoch
         batches = None if whole_epoch else programs.batch_indices(keys)
         seconds, first_position = 0.0, progress.position
@@ -411,7 +413,7 @@ def fit(
             losses = per_run(metrics["loss"], len(runs))
             seconds += time.perf_counter() - started
             accuracies = per_run(metrics["accuracy"], len(runs))
-            with _measured_until_divergence(config, progress, losses, accuracies):
+            with _measured_until_divergence(plan, progress, losses, accuracies):
                 diverged = _note_divergence(
                     losses, max_loss, progress.epoch, progress.position, runs, progress.diverged
                 )
@@ -436,10 +438,10 @@ def fit(
             if progress.position == steps_per_epoch:
                 images_trained = min((steps_per_epoch - first_position) * config.batch_size, len(images))
                 evaluations = {name: programs.evaluate(state, *data) for name, data in evaluation_sets.items()}
-                with _measured_until_divergence(config, progress, losses[:, :0], accuracies[:, :0]):
+                with _measured_until_divergence(plan, progress, losses[:, :0], accuracies[:, :0]):
                     diverged = _note_evaluation_divergence(evaluations, progress.epoch, runs, progress.diverged)
                 progress = dataclasses.replace(progress, diverged=diverged)
-                learning_rates = run.learning_rates(config)  # exact, rather than an injected float32 copy
+                learning_rates = run.learning_rates()  # exact, rather than an injected float32 copy
                 if learning_rates is None and "learning_rate" in metrics:
                     learning_rates = per_run(metrics["learning_rate"], len(runs))[:, -1]
                 results = _epoch_results(
@@ -456,3 +458,20 @@ def fit(
                 compile_seconds = 0.0
             yield progress
         progress = progress.continuation()
+
+
+def _run_to_train(config: TrainConfig | RunPlan | Run, image_shape: tuple[int, ...], num_train_images: int,
+                  model, optimizer, loss) -> Run:  # fmt: skip
+    """``config`` when it is a ``Run`` built for these images (then ``model``, ``optimizer`` and ``loss`` must be
+    None), else the ``Run`` of the settings and these arguments."""
+    if not isinstance(config, Run):
+        return build_run(config, image_shape, num_train_images, model, optimizer, loss)
+    given = [name for name, value in (("model", model), ("optimizer", optimizer), ("loss", loss)) if value is not None]
+    if given:
+        raise RunError(f"`{given[0]}` is given and `config` is a Run, which holds its own: give one of them")
+    if (config.image_shape, config.num_train_images) != (image_shape, num_train_images):
+        raise RunError(
+            f"`config` is a Run built for {config.num_train_images} training images of shape {config.image_shape}, "
+            f"and `train_data` holds {num_train_images} of shape {image_shape}"
+        )
+    return config

@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from jaxmnist.config import TrainConfig, num_runs
 from jaxmnist.parallel import BATCH_AXIS, batch_sharded, padded_batch_width
-from jaxmnist.runs import available_bytes, epoch_key, evaluation_bytes, first_run_shapes, grid_runs, run_keys
+from jaxmnist.plan import RunPlan
+from jaxmnist.runs import available_bytes, evaluation_bytes, first_run_shapes
 from jaxmnist.train import (
     TrainState,
     epoch_batch_indices,
@@ -43,14 +43,15 @@ CPU_RUNS_PER_GROUP = 4
 
 
 class Programs:
-    """The compiled calls of one run over ``images`` (uint8, on the device), compiled ahead of time."""
+    """The compiled calls of the plan's runs over ``images`` (uint8, on the device), compiled ahead of time."""
 
-    def __init__(self, config: TrainConfig, state: TrainState, images: jax.Array, labels: jax.Array, chunk: int,
+    def __init__(self, plan: RunPlan, state: TrainState, images: jax.Array, labels: jax.Array, chunk: int,
                  mesh: Mesh | None):  # fmt: skip
+        config = plan.config
         if config.loop not in ("scan", "step"):
             raise ValueError(f"`loop` must be 'scan' or 'step', got {config.loop!r}")
         self.config, self.images, self.labels, self.chunk = config, images, labels, chunk
-        self.vmapped = num_runs(config) > 1
+        self.plan, self.vmapped = plan, plan.stacked
         # Several runs spread over the devices along their own axis; one run splits its batches.
         self.mesh = None if self.vmapped else mesh
         self.runs_mesh = mesh if self.vmapped else None
@@ -60,11 +61,10 @@ class Programs:
         self.training_group = CPU_RUNS_PER_GROUP if self.on_cpu else None
         self.steps_per_epoch = num_batches(images.shape[0], config.batch_size)
         self.width = padded_batch_width(config.batch_size, self.mesh)
-        self.data_keys = [run_keys(run.seed)[1] for run in grid_runs(config)]
         # One program per chunk length, kept for the run: an epoch's shorter last chunk (938 steps in chunks of
         # 100 end with 38) would otherwise be traced and compiled again every epoch.
         self._chunk_calls: dict[int, Callable] = {}
-        first_keys = self.epoch_keys(1)
+        first_keys = plan.epoch_keys(1)
         whole_epochs = config.loop == "scan" and chunk == self.steps_per_epoch  # the batches drawn inside
         indices, mask = (None, None) if whole_epochs else self.batch_indices(first_keys)
         started = time.perf_counter()
@@ -102,11 +102,6 @@ class Programs:
             return 1
         free = available_bytes()
         return None if free is None else max(1, free // 2 // evaluation_bytes(first_run_shapes(state), images))
-
-    def epoch_keys(self, epoch: int) -> jax.Array:
-        """The shuffle key of ``epoch`` for every run (stacked when there are several)."""
-        keys = [epoch_key(data_key, epoch) for data_key in self.data_keys]
-        return jnp.stack(keys) if self.vmapped else keys[0]
 
     def batch_indices(self, keys: jax.Array) -> tuple[jax.Array, jax.Array]:
         """The epoch's batches (one set per run), drawn once for all its calls."""

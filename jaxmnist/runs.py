@@ -1,9 +1,8 @@
-"""What a run trains and with which randomness: its runs (grid rows × seeds), their keys, the held-out
-split, and the model, optimizer and loss (the caller's, or those the settings describe) built into every
-run's initial state.
+"""What a run trains: its plan of runs (``jaxmnist.plan``), the held-out split, and the model, optimizer and
+loss (the caller's, or those the settings describe) built into every run's initial state.
 
-``fit`` builds a ``Run`` from its arguments; the train command builds one too, to restore a checkpoint
-onto the run's own state and to name the model in its header.
+``fit`` builds a ``Run`` from its arguments, or takes the caller's (the train command builds one to
+restore a checkpoint onto the run's own state and to name the model in its header).
 """
 
 from __future__ import annotations
@@ -20,17 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxmnist.config import (
-    TrainConfig,
-    check_against_data,
-    grid_rows,
-    held_out_images,
-    num_runs,
-    row_config,
-    steps_per_epoch,
-    swept_settings,
-)
+from jaxmnist.config import TrainConfig, check_against_data, held_out_images, steps_per_epoch
 from jaxmnist.model_source import Model, ModelSource, from_object, load_model
+from jaxmnist.plan import GridRun, RunPlan, plan_of, run_keys
 from jaxmnist.recipe import build_model, build_optimizer
 from jaxmnist.train import ModelCallError, TrainState, create_train_state, param_dtype
 from jaxmnist.train.state import LossFn
@@ -65,42 +56,6 @@ class RunError(ValueError):
     """
 
 
-def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
-    """The initialization key and the data-order key of a run, both derived from its seed."""
-    init_key, data_key = jax.random.split(jax.random.key(seed))
-    return init_key, data_key
-
-
-def epoch_key(data_key: jax.Array, epoch: int) -> jax.Array:
-    """The key of one epoch's shuffle (epochs count from 1): reproducible without replaying earlier ones."""
-    return jax.random.fold_in(data_key, epoch)
-
-
-def seed_values(config: TrainConfig) -> list[int]:
-    """The seeds of the run's independent runs: ``seed, seed + 1, ..., seed + seeds - 1``."""
-    return list(range(config.seed, config.seed + config.seeds))
-
-
-@dataclasses.dataclass(frozen=True)
-class GridRun:
-    """One of the runs trained together: its grid row's values (``{}`` without a grid) and its seed."""
-
-    values: dict[str, float]
-    seed: int
-    row: int = 0
-
-
-def grid_runs(config: TrainConfig) -> list[GridRun]:
-    """Every run of ``config``: each grid row's ``seeds`` seeds, rows in ``grid_rows`` order.
-
-    Example:
-        >>> config = TrainConfig(learning_rate=(0.1, 0.2), seeds=2)
-        >>> [(run.values["learning_rate"], run.seed) for run in grid_runs(config)]
-        [(0.1, 0), (0.1, 1), (0.2, 0), (0.2, 1)]
-    """
-    return [GridRun(values, seed, row) for row, values in enumerate(grid_rows(config)) for seed in seed_values(config)]
-
-
 def hold_out(config: TrainConfig, images: np.ndarray, labels: np.ndarray) -> tuple[tuple, tuple]:
     """The training images split into ``(train, validation)``: ``val_split`` of them (or that fraction) held out.
 
@@ -128,6 +83,7 @@ class Run:
     """What a run trains, whatever its source.
 
     Attributes:
+        plan: the runs trained together (grid rows × seeds), their values, seeds and keys.
         model: where every seed's model comes from.
         optimizer: the optax optimizer.
         loss: ``"nll"``, ``"ce"`` or a ``loss_fn(logits, labels, mask)``.
@@ -139,6 +95,7 @@ class Run:
         num_train_images: the training set's size before the held-out images.
     """
 
+    plan: RunPlan
     model: ModelSource
     optimizer: optax.GradientTransformation
     loss: str | LossFn
@@ -147,12 +104,13 @@ class Run:
     row_optimizers: tuple[optax.GradientTransformation, ...] = ()
     num_train_images: int = 0
 
-    def learning_rates(self, config: TrainConfig) -> list[float] | None:
+    def learning_rates(self) -> list[float] | None:
         """Every run's learning rate as the settings give it, when they give it exactly (their optimizer,
         at a constant rate); None otherwise: then the rate is the one the optimizer reports, if any."""
+        config = self.plan.config
         if not self.optimizer_from_config or config.schedule != "constant":
             return None
-        return [run.values.get("learning_rate", config.learning_rate) for run in grid_runs(config)]
+        return [run.values.get("learning_rate", config.learning_rate) for run in self.plan.runs]
 
 
 def check_images(images: np.ndarray, argument: str) -> tuple[int, ...]:
@@ -171,7 +129,7 @@ def settings_model(config: TrainConfig) -> ModelSource:
 
 
 def build_run(
-    config: TrainConfig,
+    config: TrainConfig | RunPlan,
     image_shape: tuple[int, ...],
     num_train_images: int,
     model: Model | ModelSource | Callable[..., Model] | None = None,
@@ -181,7 +139,7 @@ def build_run(
     """The run's model, optimizer and loss: the given ones, else those ``config`` describes.
 
     Args:
-        config: the run's settings.
+        config: the run's settings, or their ``RunPlan``.
         image_shape: one training image's shape.
         num_train_images: the training set's size before the held-out images (schedules span the run).
         model: any model ``jaxmnist.model_source.from_object`` takes; default: ``config.model`` when set,
@@ -194,9 +152,11 @@ def build_run(
 
     Example:
         >>> run = build_run(TrainConfig(), (28, 28), 60_000)
-        >>> run.model.name, run.loss, run.learning_rates(TrainConfig())
+        >>> run.model.name, run.loss, run.learning_rates()
         ('MLP', 'nll', [0.003])
     """
+    plan = plan_of(config)
+    config = plan.config
     if config.dtype == "float64" and jax.dtypes.canonicalize_dtype(np.float64) != np.float64:
         # else JAX truncates every float64 to float32 with a warning, and the run trains in float32
         raise RunError(
@@ -212,7 +172,7 @@ def build_run(
             f"`model` {source.name} is built without `rngs`: every seed would start from the same weights; for "
             "`seeds` > 1 give its class or a function that builds it from `rngs`"
         )
-    swept = swept_settings(config)
+    swept = plan.swept
     if optimizer is not None and set(swept) - {"dropout"}:
         raise RunError(
             f"`{next(iter(swept))}` lists values for the optimizer the settings describe, and `optimizer` is "
@@ -221,14 +181,14 @@ def build_run(
     if model is not None and "dropout" in swept:
         raise RunError("`dropout` lists rates for the lesson's MLP, and `model` is given: give one value")
     if optimizer is None:
-        rows = grid_rows(config)
         row_optimizers = tuple(
-            build_optimizer(row_config(config, row), num_train_images, per_run_hyperparameters=bool(swept))
-            for row in rows
+            build_optimizer(plan.row_config(row), num_train_images, per_run_hyperparameters=bool(swept))
+            for row in range(len(plan.rows))
         )
     else:  # one optimizer for every row (a dropout grid): its rows differ in the model alone
-        row_optimizers = (optimizer,) * len(grid_rows(config))
+        row_optimizers = (optimizer,) * len(plan.rows)
     return Run(
+        plan=plan,
         model=source,
         optimizer=row_optimizers[0],
         loss=config.loss if loss is None else loss,
@@ -239,7 +199,7 @@ def build_run(
     )
 
 
-def initial_state(config: TrainConfig, run: Run, runs_sharding: jax.sharding.Sharding | None = None) -> TrainState:
+def initial_state(run: Run, runs_sharding: jax.sharding.Sharding | None = None) -> TrainState:
     """The freshly initialized train state of every run (grid rows × seeds).
 
     With several runs, the states stacked along a leading axis, each exactly the state its values and
@@ -249,32 +209,33 @@ def initial_state(config: TrainConfig, run: Run, runs_sharding: jax.sharding.Sha
     (``RunError``). ``runs_sharding`` places several runs' states where they will train (e.g. split over
     the devices along the run axis).
     """
-    first_run = GridRun(grid_rows(config)[0], config.seed)
+    plan = run.plan
+    first_run = plan.first_run
     create_first = _creation(run, first_run)
-    if num_runs(config) == 1:
+    if not plan.stacked:
         with _model_errors(run):
             return create_first(run_keys(first_run.seed)[0])
     if isinstance(create_first.keywords["model"], nn.Module):
         try:
             with _model_errors(run):
-                check_memory(config, jax.eval_shape(create_first, run_keys(first_run.seed)[0]), run.num_train_images)
-                return _linen_states(config, run, runs_sharding)
+                check_memory(plan, jax.eval_shape(create_first, run_keys(first_run.seed)[0]), run.num_train_images)
+                return _linen_states(run, runs_sharding)
         except _NEEDS_VALUES:
             pass
     with _model_errors(run):
         states = [create_first(run_keys(first_run.seed)[0])]
-        check_memory(config, states[0], run.num_train_images)  # before the other runs are listed or built
-        states += [_creation(run, grid_run)(run_keys(grid_run.seed)[0]) for grid_run in grid_runs(config)[1:]]
+        check_memory(plan, states[0], run.num_train_images)  # before the other runs are built
+        states += [_creation(run, grid_run)(run_keys(grid_run.seed)[0]) for grid_run in plan.runs[1:]]
     return _stacked(states) if runs_sharding is None else jax.device_put(_stacked(states), runs_sharding)
 
 
-def initial_shapes(config: TrainConfig, run: Run) -> TrainState:
-    """The shapes and dtypes of ``initial_state(config, run)`` (``jax.ShapeDtypeStruct`` leaves), found by
-    tracing alone; its errors (a grid too large for memory, a model that cannot be initialized) as its own."""
+def initial_shapes(run: Run) -> TrainState:
+    """The shapes and dtypes of ``initial_state(run)`` (``jax.ShapeDtypeStruct`` leaves), found by tracing
+    alone; its errors (a grid too large for memory, a model that cannot be initialized) as its own."""
     try:
-        return jax.eval_shape(lambda: initial_state(config, run))
+        return jax.eval_shape(lambda: initial_state(run))
     except _NEEDS_VALUES:  # a model whose initialization needs values cannot be traced: from the state itself
-        return jax.eval_shape(lambda state: state, initial_state(config, run))
+        return jax.eval_shape(lambda state: state, initial_state(run))
 
 
 def _module(run: Run, grid_run: GridRun) -> Model:
@@ -290,12 +251,12 @@ def _creation(run: Run, grid_run: GridRun) -> Callable[[jax.Array], TrainState]:
                    input_shape=(1, *run.image_shape))  # fmt: skip
 
 
-def _linen_states(config: TrainConfig, run: Run, sharding: jax.sharding.Sharding | None) -> TrainState:
+def _linen_states(run: Run, sharding: jax.sharding.Sharding | None) -> TrainState:
     """Every run's state from one compiled call: the parameters of each module (one per dropout rate, else
     one) initialized for each of its runs' keys in turn, then each row's optimizer state from its runs'
     parameters: the numbers each run's eager initialization gives."""
-    runs = grid_runs(config)
-    rows = [slice(start, start + config.seeds) for start in range(0, len(runs), config.seeds)]
+    runs, seeds_per_row = run.plan.runs, run.plan.config.seeds
+    rows = [slice(start, start + seeds_per_row) for start in range(0, len(runs), seeds_per_row)]
     one_module = "dropout" not in runs[0].values  # else one module per row, each with its row's rate
 
     def states(seeds: jax.Array) -> TrainState:
@@ -344,17 +305,17 @@ def _model_errors(run: Run) -> Iterator[None]:
         ) from error
 
 
-def estimated_bytes(config: TrainConfig, state: TrainState, num_train_images: int) -> int:
-    """About how much memory the compiled epoch of ``num_runs(config)`` runs like ``state`` (one run's, or its
-    shapes) needs.
+def estimated_bytes(plan: RunPlan, state: TrainState, num_train_images: int) -> int:
+    """About how much memory the compiled epoch of the plan's runs, each like ``state`` (one run's, or its
+    shapes), needs.
 
     Per run: the state twice (the donated one and the updated one), the values a training step keeps
     from its forward pass for its backward pass and its gradients (traced on shapes, not compiled), and
     the epoch's per-step metrics. A figure meant to refuse what cannot fit, before anything is compiled.
     """
     state_bytes = _bytes((state.params, state.opt_state, state.collections))
-    metric_bytes = 4 * 8 * steps_per_epoch(config, num_train_images) + 64
-    return num_runs(config) * (2 * state_bytes + _step_bytes(config, state) + metric_bytes)
+    metric_bytes = 4 * 8 * steps_per_epoch(plan.config, num_train_images) + 64
+    return plan.num_runs * (2 * state_bytes + _step_bytes(plan.config, state) + metric_bytes)
 
 
 def _step_bytes(config: TrainConfig, state: TrainState) -> int:
@@ -413,12 +374,12 @@ def available_bytes() -> int | None:
         return None
 
 
-def check_memory(config: TrainConfig, state: TrainState, num_train_images: int) -> None:
-    """``RunError`` with the figures when the runs of ``config`` would not fit in memory."""
-    needed, available = estimated_bytes(config, state, num_train_images), available_bytes()
+def check_memory(plan: RunPlan, state: TrainState, num_train_images: int) -> None:
+    """``RunError`` with the figures when the plan's runs would not fit in memory."""
+    needed, available = estimated_bytes(plan, state, num_train_images), available_bytes()
     if available is not None and needed > available:
         raise RunError(
-            f"{num_runs(config):,} runs in one program need about {needed / 2**30:.1f} GiB, more than the "
+            f"{plan.num_runs:,} runs in one program need about {needed / 2**30:.1f} GiB, more than the "
             f"{available / 2**30:.1f} GiB free: give fewer values or `seeds`"
         )
 

@@ -63,11 +63,11 @@ def compare(args: argparse.Namespace) -> dict:
     import jax.numpy as jnp
     import torch
 
-    from jaxmnist.config import epoch_key, run_keys
     from jaxmnist.data import load_mnist
     from jaxmnist.lesson import PUBLISHED_LOSSES
     from jaxmnist.model import MLP
     from jaxmnist.normalization import normalize
+    from jaxmnist.plan import epoch_key, run_keys
     from jaxmnist.torch_compat import lesson_model, params_from_torch, side_by_side_epoch, torch_accuracy
     from jaxmnist.train import create_train_state, evaluate
 

@@ -115,7 +115,7 @@ def template_state(config, num_train_images: int, image_shape: tuple[int, ...] =
     run is restored onto."""
     from jaxmnist.runs import build_run, initial_state
 
-    return initial_state(config, build_run(config, image_shape, num_train_images))
+    return initial_state(build_run(config, image_shape, num_train_images))
 
 
 def kept(progresses) -> list:

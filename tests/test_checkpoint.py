@@ -388,6 +388,7 @@ def test_the_best_epoch_s_file_is_named_only_when_it_holds_this_run_s_settings(t
 
     from jaxmnist.commands.training import _say_how_it_ended
     from jaxmnist.loop import EpochResult
+    from jaxmnist.plan import RunPlan
 
     config = TrainConfig(epochs=2, val_split=10)
     history = [
@@ -397,7 +398,7 @@ def test_the_best_epoch_s_file_is_named_only_when_it_holds_this_run_s_settings(t
     best = tmp_path / "best.msgpack"
     for settings, named in ((TrainConfig(learning_rate=0.5), False), (config, True)):
         save_params(best, settings, template_state(settings, 100).params)
-        _say_how_it_ended(config, history, argparse.Namespace(save_best=best))
+        _say_how_it_ended(RunPlan.of(config), history, argparse.Namespace(save_best=best))
         said = capsys.readouterr().out
         assert said.startswith("best epoch 1: val loss 0.5000")
         assert (f"its parameters are in {best}" in said) == named

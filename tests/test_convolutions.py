@@ -16,6 +16,7 @@ import pytest
 
 from jaxmnist.config import TrainConfig
 from jaxmnist.loop import fit
+from jaxmnist.plan import RunPlan
 from jaxmnist.programs import Programs
 from jaxmnist.train import create_train_state, train_epoch
 from jaxmnist.train.convolutions import COMPILER_OPTIONS, canonical_convolutions
@@ -155,7 +156,7 @@ def test_a_cnn_epoch_program_runs_every_convolution_in_the_fast_layout_and_kerne
     images, labels = make_digits(96, seed=1)
     config = TrainConfig(epochs=1, batch_size=32, optimizer="adam", learning_rate=1e-3)
     state = create_train_state(jax.random.key(0), BatchNormDropoutCNN(), optax.adam(1e-3), loss="ce")
-    programs = Programs(config, state, jnp.asarray(images), jnp.asarray(labels, jnp.int32), 3, None)
+    programs = Programs(RunPlan.of(config), state, jnp.asarray(images), jnp.asarray(labels, jnp.int32), 3, None)
     labels_found, run_by_ynnpack = _compiled_convolutions(programs.epoch.as_text())
     # Forward, input-gradient and weight-gradient convolutions of both layers, inside the epoch's loop.
     assert len(labels_found) >= 5

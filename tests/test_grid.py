@@ -27,9 +27,10 @@ from jaxmnist.data import load_mnist
 from jaxmnist.loop import DivergenceError, fit
 from jaxmnist.normalization import normalize
 from jaxmnist.parallel import runs_devices
+from jaxmnist.plan import RunPlan
 from jaxmnist.predict import predict_probabilities
 from jaxmnist.programs import Programs
-from jaxmnist.runs import RunError, build_run, estimated_bytes, grid_runs, initial_state
+from jaxmnist.runs import RunError, build_run, estimated_bytes, initial_state
 from jaxmnist.sweeps import best_configuration, final_results, summarize
 from jaxmnist.train import evaluate
 
@@ -161,7 +162,7 @@ def test_each_run_of_a_rate_grid_matches_its_run_alone_over_the_first_100_steps_
     data = make_digits(6400, seed=10), make_digits(64, seed=11)
     config = TrainConfig(epochs=1, learning_rate=(0.003, 0.03), seed=1)
     grid = _last(config, data)
-    for row, run in enumerate(grid_runs(config)):
+    for row, run in enumerate(RunPlan.of(config).runs):
         alone = _last(_alone(config, run.values, run.seed), data)
         relative = np.abs(grid.step_losses[row] - alone.step_losses) / alone.step_losses
         assert grid.step_losses.shape == (2, 100) and relative.max() <= 1e-5
@@ -169,9 +170,9 @@ def test_each_run_of_a_rate_grid_matches_its_run_alone_over_the_first_100_steps_
 
 def test_each_run_of_a_grid_is_evaluated_to_the_bit_as_alone(small_data):
     config = TrainConfig(batch_size=32, learning_rate=(0.01, 0.03, 0.1, 0.3), seeds=2, loop="step")
-    state = initial_state(config, build_run(config, (28, 28), 256))
+    state = initial_state(build_run(config, (28, 28), 256))
     (train_images, train_labels), (images, labels) = small_data[0], make_digits(1000, seed=9)
-    programs = Programs(config, state, jnp.asarray(train_images), jnp.asarray(train_labels), 1, mesh=None)
+    programs = Programs(RunPlan.of(config), state, jnp.asarray(train_images), jnp.asarray(train_labels), 1, mesh=None)
     normalized = normalize(jnp.asarray(images), jnp.float32)
     grid = programs.evaluate(state, normalized, jnp.asarray(labels))
     for row in range(num_runs(config)):
@@ -184,9 +185,9 @@ def test_an_accelerator_evaluates_as_many_runs_at_once_as_half_its_free_memory_h
     import jaxmnist.runs
 
     config = TrainConfig(batch_size=32, learning_rate=(0.01, 0.03, 0.1, 0.3), seeds=2, loop="step")
-    state = initial_state(config, build_run(config, (28, 28), 256))
+    state = initial_state(build_run(config, (28, 28), 256))
     (train_images, train_labels), (images, labels) = small_data[0], make_digits(1000, seed=9)
-    programs = Programs(config, state, jnp.asarray(train_images), jnp.asarray(train_labels), 1, mesh=None)
+    programs = Programs(RunPlan.of(config), state, jnp.asarray(train_images), jnp.asarray(train_labels), 1, mesh=None)
     normalized = normalize(jnp.asarray(images), jnp.float32)
     programs.on_cpu = False  # as on an accelerator, where runs are vmapped
     one_run = jax.tree.map(lambda leaf: leaf[0], state)
@@ -204,7 +205,7 @@ def test_an_accelerator_evaluates_as_many_runs_at_once_as_half_its_free_memory_h
 
 def test_the_runs_are_every_combination_of_the_values_times_the_seeds():
     config = TrainConfig(optimizer="momentum", learning_rate=(0.1, 0.2, 0.3), momentum=(0.5, 0.9), seeds=2, seed=7)
-    runs = grid_runs(config)
+    runs = RunPlan.of(config).runs
     assert num_runs(config) == len(runs) == 12
     assert grid_rows(config)[:3] == [
         {"learning_rate": 0.1, "momentum": 0.5},
@@ -217,12 +218,12 @@ def test_the_runs_are_every_combination_of_the_values_times_the_seeds():
 @pytest.mark.slow
 def test_every_run_holds_its_own_hyperparameters_in_its_state():
     config = TrainConfig(optimizer="momentum", learning_rate=(0.1, 0.2), momentum=(0.5, 0.9), dropout=(0.0, 0.25))
-    state = initial_state(config, build_run(config, (28, 28), 640))
+    state = initial_state(build_run(config, (28, 28), 640))
     hyperparameters = state.opt_state.hyperparams
-    expected = [(run.values["learning_rate"], run.values["momentum"]) for run in grid_runs(config)]
+    expected = [(run.values["learning_rate"], run.values["momentum"]) for run in RunPlan.of(config).runs]
     np.testing.assert_allclose(np.stack([hyperparameters["learning_rate"], hyperparameters["momentum"]], 1), expected)
     keep = state.collections["hyperparameters"]["dropout_keep_probability"]
-    np.testing.assert_allclose(keep, [1 - run.values["dropout"] for run in grid_runs(config)])
+    np.testing.assert_allclose(keep, [1 - run.values["dropout"] for run in RunPlan.of(config).runs])
 
 
 @pytest.mark.parametrize(
@@ -276,15 +277,15 @@ def test_a_grid_too_large_for_memory_is_refused_with_the_figure_before_building_
     run = build_run(config, (28, 28), 60_000)
     monkeypatch.setattr("jaxmnist.runs.available_bytes", lambda: 8 * 2**30)
     with pytest.raises(RunError, match=r"^4,294,967,296 runs in one program need about [\d.]+ GiB, more than the 8.0"):
-        initial_state(config, run)
+        initial_state(run)
 
 
 def test_the_memory_estimate_grows_with_the_runs_and_covers_the_state():
     config = TrainConfig(learning_rate=(0.1, 0.2), seeds=8)
-    state = initial_state(TrainConfig(), build_run(TrainConfig(), (28, 28), 60_000))
+    state = initial_state(build_run(TrainConfig(), (28, 28), 60_000))
     state_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state.params))
-    estimate = estimated_bytes(config, state, 60_000)
-    assert estimate == 2 * estimated_bytes(dataclasses.replace(config, seeds=4), state, 60_000)
+    estimate = estimated_bytes(RunPlan.of(config), state, 60_000)
+    assert estimate == 2 * estimated_bytes(RunPlan.of(dataclasses.replace(config, seeds=4)), state, 60_000)
     assert 16 * 3 * state_bytes < estimate < 16 * 20 * state_bytes
 
 
@@ -306,7 +307,7 @@ def test_the_memory_estimate_of_a_step_is_near_xla_s_own_for_a_convolutional_mod
     from jaxmnist.train import train_step
 
     config = TrainConfig(batch_size=batch_size)
-    state = initial_state(config, build_run(config, (28, 28), 60_000, model=_ConvNet()))
+    state = initial_state(build_run(config, (28, 28), 60_000, model=_ConvNet()))
     batch = {"image": jnp.zeros((batch_size, 28, 28)), "label": jnp.zeros(batch_size, jnp.int32),
              "mask": jnp.ones(batch_size, bool)}  # fmt: skip
     compiled = jax.jit(train_step).lower(state, batch).compile().memory_analysis().temp_size_in_bytes
@@ -438,7 +439,7 @@ def test_a_configuration_s_diverged_seeds_are_named_and_left_out_of_its_numbers(
 @pytest.mark.slow
 def test_predict_names_every_value_it_needs_to_pick_a_grid_s_runs():
     config = TrainConfig(optimizer="momentum", learning_rate=(0.01, 0.1), momentum=(0.5, 0.9))
-    params = initial_state(config, build_run(config, (28, 28), 256)).params
+    params = initial_state(build_run(config, (28, 28), 256)).params
     needed = r"give `learning_rate` \(one of 0.01, 0.1\) and `momentum` \(one of 0.5, 0.9\) to pick its runs"
     with pytest.raises(ValueError, match=needed):
         predict_probabilities(config, params, np.zeros((1, 28, 28), np.uint8))
@@ -453,7 +454,7 @@ def test_predict_averages_a_configuration_s_seeds_or_takes_one(small_data):
     each = [
         predict_probabilities(_alone(config, run.values, run.seed),
                               jax.tree.map(lambda leaf, row=row: leaf[row], progress.state.params), images)
-        for row, run in enumerate(grid_runs(config))
+        for row, run in enumerate(RunPlan.of(config).runs)
     ]  # fmt: skip
     chosen = predict_probabilities(config, progress.state.params, images, values={"learning_rate": 0.1})
     np.testing.assert_allclose(chosen, np.mean(each[2:], axis=0), rtol=1e-5)
@@ -614,7 +615,7 @@ def test_one_run_on_each_device_trains_by_the_single_run_s_program_to_the_bit(sm
     data = [load_mnist(split, small_mnist_dir, verify=False) for split in ("train", "test")]
     config = TrainConfig(epochs=1, optimizer="momentum", momentum=0.9, learning_rate=(0.05, 0.01))
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
-    for record, run in zip(records, grid_runs(config), strict=True):
+    for record, run in zip(records, RunPlan.of(config).runs, strict=True):
         alone = _last(_alone(config, run.values, run.seed), data).result
         assert (record["train_loss"], record["test_loss"]) == (alone.train_loss, alone.test_loss)
 
@@ -662,10 +663,10 @@ class _InitLooksAtValues(nn.Module):
 
 def test_a_model_whose_initialization_needs_values_starts_each_run_as_alone():
     config = TrainConfig(seeds=2, learning_rate=(0.01, 0.1))
-    stacked = initial_state(config, build_run(config, (28, 28), 640, model=_InitLooksAtValues()))
-    for row, grid_run in enumerate(grid_runs(config)):
+    stacked = initial_state(build_run(config, (28, 28), 640, model=_InitLooksAtValues()))
+    for row, grid_run in enumerate(RunPlan.of(config).runs):
         alone_config = _alone(config, grid_run.values, grid_run.seed)
-        alone = initial_state(alone_config, build_run(alone_config, (28, 28), 640, model=_InitLooksAtValues()))
+        alone = initial_state(build_run(alone_config, (28, 28), 640, model=_InitLooksAtValues()))
         chex.assert_trees_all_equal(jax.tree.map(lambda leaf, row=row: leaf[row], stacked.params), alone.params)
     assert stacked.params["scale"][0] != stacked.params["scale"][1]  # the seeds differ
 
@@ -681,20 +682,20 @@ class _FlaxInitializers(nn.Module):
 
 def test_seeds_of_a_model_with_flax_initializers_start_as_each_seed_alone():
     config = TrainConfig(seeds=3, seed=5)
-    stacked = initial_state(config, build_run(config, (28, 28), 640, model=_FlaxInitializers()))
+    stacked = initial_state(build_run(config, (28, 28), 640, model=_FlaxInitializers()))
     for row, seed in enumerate(range(5, 8)):
         alone_config = TrainConfig(seed=seed)
-        alone = initial_state(alone_config, build_run(alone_config, (28, 28), 640, model=_FlaxInitializers()))
+        alone = initial_state(build_run(alone_config, (28, 28), 640, model=_FlaxInitializers()))
         chex.assert_trees_all_equal(jax.tree.map(lambda leaf, row=row: leaf[row], stacked.params), alone.params)
 
 
 def test_every_run_starts_from_the_very_state_of_its_run_alone():
     config = TrainConfig(optimizer="adamw", weight_decay=(0.0, 0.1), dropout=(0.0, 0.2), seeds=2)
     run = build_run(config, (28, 28), 640)
-    stacked = initial_state(config, run)  # compiled once per module: bit for bit the eager initialization
-    for row, grid_run in enumerate(grid_runs(config)):
+    stacked = initial_state(run)  # compiled once per module: bit for bit the eager initialization
+    for row, grid_run in enumerate(RunPlan.of(config).runs):
         alone_config = _alone(config, grid_run.values, grid_run.seed)
-        alone = initial_state(alone_config, build_run(alone_config, (28, 28), 640))
+        alone = initial_state(build_run(alone_config, (28, 28), 640))
         mine = jax.tree.map(lambda leaf, row=row: leaf[row], stacked)
         hyperparameters = {"learning_rate": 0.003, "weight_decay": grid_run.values["weight_decay"]}
         chex.assert_trees_all_equal(

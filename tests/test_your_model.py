@@ -26,7 +26,8 @@ from jaxmnist.config import SettingsError, TrainConfig, config_from_dict, config
 from jaxmnist.loop import fit
 from jaxmnist.model_source import ModelSpecError, load_model
 from jaxmnist.normalization import normalize
-from jaxmnist.runs import RunError, build_run, initial_state, run_keys
+from jaxmnist.plan import run_keys
+from jaxmnist.runs import RunError, build_run, initial_state
 from jaxmnist.train import create_train_state, train_epoch
 from jaxmnist.train.convolutions import COMPILER_OPTIONS
 
@@ -202,11 +203,11 @@ def test_a_model_whose_output_is_not_batch_by_classes_is_refused(models_file, di
 def test_a_checkpoint_of_another_model_is_refused_naming_what_differs(models_file, digits, tmp_path: Path):
     config = TrainConfig(epochs=1, batch_size=32)
     path = save_checkpoint(tmp_path, config, list(fit(config, *digits))[-1])  # the lesson's MLP
-    cnn_template = initial_state(config, build_run(config, (28, 28), 192, load_model(f"{models_file}:CNN")))
+    cnn_template = initial_state(build_run(config, (28, 28), 192, load_model(f"{models_file}:CNN")))
     with pytest.raises(CheckpointError, match=r"another model \(params: Dense_1/bias is in the file, not in") as error:
         restore_progress(path, config, cnn_template)
     assert "damaged" not in str(error.value)
-    adam = initial_state(config, build_run(config, (28, 28), 192, optimizer=optax.adam(1e-3)))
+    adam = initial_state(build_run(config, (28, 28), 192, optimizer=optax.adam(1e-3)))
     with pytest.raises(CheckpointError, match="another optimizer"):
         restore_progress(path, config, adam)
 

@@ -68,11 +68,8 @@ def _grid_values(args: argparse.Namespace) -> dict[str, float]:
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
-def _diverged_seeds(config: TrainConfig, diverged: Sequence[int], values: dict[str, float]) -> list[int]:
-    """The seeds of the configuration ``values`` names that diverged in training."""
-    from jaxmnist.runs import grid_runs
-
-    runs = grid_runs(config)
+def _diverged_seeds(runs: Sequence, diverged: Sequence[int], values: dict[str, float]) -> list[int]:
+    """The seeds of the configuration ``values`` names (of ``runs``, a ``RunPlan``'s) that diverged in training."""
     return [runs[index].seed for index in diverged if all(runs[index].values[name] == value
                                                           for name, value in values.items())]  # fmt: skip
 
@@ -81,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from jaxmnist.checkpoint import CheckpointError, load_saved_model
     from jaxmnist.model_source import ModelSpecError
+    from jaxmnist.plan import RunPlan
     from jaxmnist.predict import ImageError, predict_probabilities, read_digit_image
 
     try:
@@ -91,9 +89,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     config = saved.config
     configure_jax(config.dtype == "float64", compile_cache=False)
+    plan = RunPlan.of(config)
     try:
         probabilities = predict_probabilities(
-            config, saved.params, images, args.seed, saved.collections, _grid_values(args), saved.diverged
+            plan, saved.params, images, args.seed, saved.collections, _grid_values(args), saved.diverged
         )
     except ModelSpecError as error:  # the model file moved, or builds other parameters now
         print(f"error: {args.params}: {in_flag_terms(str(error), {'model': 'the recorded model'})}", file=sys.stderr)
@@ -106,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"configuration {', '.join(f'{_flags()[name]} {value_text(value)}' for name, value in values.items())}")
     if config.seeds > 1:
         seeds = f"{config.seeds} seeds ({config.seed}..{config.seed + config.seeds - 1})"
-        left_out = _diverged_seeds(config, saved.diverged, values)
+        left_out = _diverged_seeds(plan.runs, saved.diverged, values)
         if args.seed is not None:
             print(f"seed {args.seed} of {seeds}")
         elif left_out:

@@ -19,8 +19,8 @@ from jaxmnist.commands.tensorboard import TensorBoardLog
 from jaxmnist.config import TrainConfig, values_label
 from jaxmnist.files import reason, write_atomically
 from jaxmnist.loop import DivergenceError, EpochResult, Progress, best_epoch
+from jaxmnist.plan import RunPlan
 from jaxmnist.programs import per_run
-from jaxmnist.runs import grid_runs
 
 
 def epoch_lines(result: EpochResult, config: TrainConfig, previous: EpochResult | None) -> str:
@@ -195,7 +195,7 @@ class Reporter:
 
     def __init__(
         self,
-        config: TrainConfig,
+        plan: RunPlan,
         steps_per_epoch: int,
         start: Progress | None,
         *,
@@ -207,14 +207,14 @@ class Reporter:
     ):
         from tqdm.auto import tqdm
 
-        self.config, self.steps_per_epoch = config, steps_per_epoch
+        self.config, self.steps_per_epoch = plan.config, steps_per_epoch
         self.metrics_out, self.plot, self.save_best, self.tensorboard = metrics_out, plot, save_best, tensorboard
         self.history: tuple[EpochResult, ...] = () if start is None else start.history
         self._epoch, self._position = (1, 0) if start is None else (start.epoch, start.position)
         self._diverged: dict[int, str] = {} if start is None else dict(start.diverged)
-        self._runs = grid_runs(config)
+        self._runs = plan.runs
         self.bar = tqdm(
-            total=config.epochs * steps_per_epoch,
+            total=plan.config.epochs * steps_per_epoch,
             initial=self._steps_done(start),
             unit="step",
             disable=quiet or not sys.stderr.isatty(),

@@ -10,6 +10,7 @@ import numpy as np
 
 from jaxmnist.config import TrainConfig, config_to_dict, value_text
 from jaxmnist.loop import EpochResult, Progress, best_epoch
+from jaxmnist.plan import RunPlan
 from jaxmnist.sweeps import diverged_runs
 
 INSTALL_HINT = "pip install 'jaxmnist[tensorboard]'"
@@ -81,15 +82,11 @@ class TensorBoardLog:
     A grid writes one run folder per configuration (``DIR/learning_rate=0.01``), each with the scalars of
     its seeds and hparams holding its values."""
 
-    def __init__(self, folder: Path, config: TrainConfig, steps_per_epoch: int, every: int):
-        from jaxmnist.runs import grid_runs
-
-        self.config, self.steps_per_epoch, self.every = config, steps_per_epoch, every
-        runs = grid_runs(config)
+    def __init__(self, folder: Path, plan: RunPlan, steps_per_epoch: int, every: int):
+        self.config, self.steps_per_epoch, self.every = plan.config, steps_per_epoch, every
         self.groups = []  # each configuration: its writer, the positions of its runs, its values
-        for row in dict.fromkeys(run.row for run in runs):
-            members = [position for position, run in enumerate(runs) if run.row == row]
-            values = runs[members[0]].values
+        for row, values in enumerate(plan.rows):
+            members = [position for position, run in enumerate(plan.runs) if run.row == row]
             writer = EventFile(folder / _folder_name(values) if values else folder)
             self.groups.append((writer, members, values))
 

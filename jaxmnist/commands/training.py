@@ -12,11 +12,15 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from jaxmnist.commands.kit import EXIT_WRITE_FAILED, configure_jax, counted, load_splits
 from jaxmnist.commands.stopping import GracefulStop
 from jaxmnist.config import TrainConfig
 from jaxmnist.files import reason
+
+if TYPE_CHECKING:  # the command imports JAX only once its flags are checked
+    from jaxmnist.plan import RunPlan
 
 OPTIMIZER_NAMES = {"sgd": "SGD", "momentum": "SGD with momentum", "nesterov": "SGD with Nesterov momentum",
                    "adam": "Adam", "adamw": "AdamW"}  # fmt: skip
@@ -80,20 +84,21 @@ def check_outputs(args: argparse.Namespace) -> None:
         raise OutputError(f"--plot {args.plot}: use a .png, .pdf or .svg file name")
 
 
-def describe(config: TrainConfig, num_images: int, mesh, model_name: str, num_params: int) -> str:
+def describe(plan: RunPlan, num_images: int, mesh, model_name: str, num_params: int) -> str:
     """One line: the model and its size, the optimization, the data and the devices."""
-    from jaxmnist.config import grid_rows, held_out_images, num_runs, swept_settings, value_text, values_label
+    from jaxmnist.config import held_out_images, value_text, values_label
     from jaxmnist.parallel import padded_batch_width
 
+    config, swept = plan.config, plan.swept
     device = mesh.devices.flat[0]
-    dropout = f", dropout {config.dropout}" if config.dropout and "dropout" not in swept_settings(config) else ""
+    dropout = f", dropout {config.dropout}" if config.dropout and "dropout" not in swept else ""
     layers = "-".join(str(size) for size in (784, *config.hidden_sizes, 10))
     model = f"MLP {layers} ({config.activation}, {config.weight_init} init{dropout})"
     if config.model is not None:
         model = f"{model_name} from {config.model}"
     where = f"{device.platform} ({device.device_kind})"
-    if mesh.size > 1 and num_runs(config) > 1:
-        each = num_runs(config) // mesh.size
+    if mesh.size > 1 and plan.stacked:
+        each = plan.num_runs // mesh.size
         where = f"{mesh.size} {where} devices, {counted(each, 'whole run')} on each"
     elif mesh.size > 1:
         width = padded_batch_width(config.batch_size, mesh)
@@ -105,14 +110,13 @@ def describe(config: TrainConfig, num_images: int, mesh, model_name: str, num_pa
     held = held_out_images(config, num_images)
     held_out = f" ({held} held out for validation)" if held else ""
     epochs = counted(config.epochs, "epoch")
-    swept = swept_settings(config)
     seeds = f"{config.seeds} seeds ({config.seed}..{config.seed + config.seeds - 1})"
     if swept:
         axes = " × ".join(
             f"{len(values)} {values_label({name: values[0]}).split()[0]}" for name, values in swept.items()
         )
         where += (
-            f", {num_runs(config)} runs ({len(grid_rows(config))} configurations: {axes}; "
+            f", {plan.num_runs} runs ({len(plan.rows)} configurations: {axes}; "
             f"{seeds if config.seeds > 1 else f'seed {config.seed}'}) in one program"
         )
     elif config.seeds > 1:
@@ -125,7 +129,7 @@ def describe(config: TrainConfig, num_images: int, mesh, model_name: str, num_pa
     )
 
 
-def start_devices(args: argparse.Namespace, config: TrainConfig):
+def start_devices(args: argparse.Namespace, plan: RunPlan):
     """Joins the other processes (several hosts) and builds the device mesh the flags ask for.
 
     Several runs on one host's CPU are spread over one CPU device per core (``jax_num_cpu_devices``):
@@ -134,10 +138,9 @@ def start_devices(args: argparse.Namespace, config: TrainConfig):
     """
     import jax
 
-    from jaxmnist.config import num_runs
     from jaxmnist.parallel import make_mesh, runs_devices
 
-    runs = num_runs(config)
+    runs = plan.num_runs
     if args.coordinator is not None:
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     elif (
@@ -158,22 +161,25 @@ def run(args: argparse.Namespace, argv: list[str], config: TrainConfig, stop: Gr
     """Trains as the flags say; returns the exit code (130/143 when ``stop`` caught a signal)."""
     import jax
 
+    from jaxmnist.plan import RunPlan
+
     configure_jax(args.dtype == "float64", not args.no_compile_cache)
-    mesh = start_devices(args, config)
+    plan = RunPlan.of(config)  # the runs, read from the settings here once
+    mesh = start_devices(args, plan)
     if jax.process_index() == 0:
-        return _train(args, argv, config, mesh, stop, writer=True)
+        return _train(args, argv, plan, mesh, stop, writer=True)
     # Several hosts: process 0 prints and writes every file; the others train in step, silently.
     args = argparse.Namespace(**{**vars(args), "quiet": True, "metrics_out": None, "plot": None, "save": None})
     with contextlib.redirect_stdout(io.StringIO()):
-        return _train(args, argv, config, mesh, stop, writer=False)
+        return _train(args, argv, plan, mesh, stop, writer=False)
 
 
-def _resume(args: argparse.Namespace, config: TrainConfig, template):
+def _resume(args: argparse.Namespace, plan: RunPlan, template):
     """The checkpoint to continue from (restored onto ``template``, the run's own initial state), saying which
     damaged ones were passed over; None: a new run."""
     from jaxmnist.checkpoint import resume
 
-    restored, damaged = resume(args.checkpoint_dir, config, template)
+    restored, damaged = resume(args.checkpoint_dir, plan, template)
     for line in damaged:
         print(f"warning: skipping damaged checkpoint {line}", file=sys.stderr, flush=True)
     if restored is None:
@@ -187,25 +193,25 @@ def _resume(args: argparse.Namespace, config: TrainConfig, template):
     return restored
 
 
-def _reporter(args: argparse.Namespace, config: TrainConfig, steps_per_epoch: int, start):
+def _reporter(args: argparse.Namespace, plan: RunPlan, steps_per_epoch: int, start):
     from jaxmnist.commands.reporting import Reporter
     from jaxmnist.commands.tensorboard import TensorBoardLog
 
     tensorboard = None
     if args.tensorboard is not None:
-        tensorboard = TensorBoardLog(args.tensorboard, config, steps_per_epoch, args.tensorboard_every)
+        tensorboard = TensorBoardLog(args.tensorboard, plan, steps_per_epoch, args.tensorboard_every)
     return Reporter(
-        config, steps_per_epoch, start, quiet=args.quiet, metrics_out=args.metrics_out, plot=args.plot,
+        plan, steps_per_epoch, start, quiet=args.quiet, metrics_out=args.metrics_out, plot=args.plot,
         save_best=args.save_best, tensorboard=tensorboard,
     )  # fmt: skip
 
 
-def _say_how_it_ended(config: TrainConfig, history, args: argparse.Namespace) -> None:
+def _say_how_it_ended(plan: RunPlan, history, args: argparse.Namespace) -> None:
     from jaxmnist.commands.reporting import grid_table
-    from jaxmnist.config import swept_settings
     from jaxmnist.loop import best_epoch, early_stop_due
 
-    if swept_settings(config) and history:
+    config = plan.config
+    if plan.swept and history:
         print(grid_table(tuple(history), config))
         return
     best = best_epoch(history)
@@ -231,12 +237,10 @@ def _holds_this_run(path: Path, config: TrainConfig) -> bool:
         return False
 
 
-def _train(
-    args: argparse.Namespace, argv: list[str], config: TrainConfig, mesh, stop: GracefulStop, writer: bool
-) -> int:
+def _train(args: argparse.Namespace, argv: list[str], plan: RunPlan, mesh, stop: GracefulStop, writer: bool) -> int:
     from jaxmnist.checkpoint import checkpoint_path, save_checkpoint
     from jaxmnist.commands.reporting import OutputWriteError, saved_model_bytes, write_output
-    from jaxmnist.config import check_against_data, num_runs, steps_per_epoch
+    from jaxmnist.config import check_against_data, steps_per_epoch
     from jaxmnist.loop import best_epoch, fit, run_complete, start_of_run
     from jaxmnist.model import count_params
     from jaxmnist.parallel import runs_sharded
@@ -244,18 +248,19 @@ def _train(
 
     if writer:
         check_outputs(args)
+    config = plan.config
     train_data, test_data = load_splits(args)
     num_train_images = len(train_data[0])
     check_against_data(config, num_train_images)
-    run = build_run(config, check_images(train_data[0], "train_data"), num_train_images)
-    if mesh.size > 1 and num_runs(config) > 1:
-        runs_sharded(mesh, num_runs(config))  # runs that do not divide over the devices: refused before the header
+    run = build_run(plan, check_images(train_data[0], "train_data"), num_train_images)
+    if mesh.size > 1 and plan.stacked:
+        runs_sharded(mesh, plan.num_runs)  # runs that do not divide over the devices: refused before the header
     # fit initializes a new run (the header needs its shapes alone); a resumed one is restored onto its initial state.
-    restored = _resume(args, config, start_of_run(config, run).state) if args.resume else None
+    restored = _resume(args, plan, start_of_run(run).state) if args.resume else None
     start = restored.progress if restored else None
     stop.arm()  # from the header line on, a first signal stops at a step boundary and saves
-    num_params = count_params(initial_shapes(config, run).params) // num_runs(config)
-    print(describe(config, num_train_images, mesh, run.model.name, num_params), flush=True)
+    num_params = count_params(initial_shapes(run).params) // plan.num_runs
+    print(describe(plan, num_train_images, mesh, run.model.name, num_params), flush=True)
     finished = start is not None and run_complete(config, start)
     if finished:  # e.g. stopped after its last checkpoint and before its outputs: they are written now
         done = counted(start.epoch - 1, "epoch")
@@ -263,20 +268,19 @@ def _train(
 
     saved_at = restored.path if restored else None
     try:
-        reporter = _reporter(args, config, steps_per_epoch(config, num_train_images), start)
+        reporter = _reporter(args, plan, steps_per_epoch(config, num_train_images), start)
         progress = start
         with contextlib.closing(reporter):
             if finished and args.save_best is not None and best_epoch(start.history) is start.history[-1]:
                 write_output(args.save_best, saved_model_bytes(config, start.state))  # the best is the last epoch
             steps = () if finished else fit(
-                config,
+                run,
                 train_data,
                 test_data,
                 start,
                 steps_per_call=args.checkpoint_every,
                 max_loss=args.max_loss,
                 mesh=mesh if mesh.size > 1 else None,
-                model=run.model if config.model else None,  # the lesson's MLP: built by fit, per grid row
             )  # fmt: skip
             for progress in _recording_divergence(steps, reporter):
                 # The metrics record goes first: a kill before the checkpoint redoes the epoch, and the
@@ -287,7 +291,7 @@ def _train(
                     reporter.flush()  # a run resumed from here logs on from here: what is buffered goes first
                     path = checkpoint_path(args.checkpoint_dir, progress.global_step)
                     try:
-                        saved_at = save_checkpoint(args.checkpoint_dir, config, progress, keep=args.keep)
+                        saved_at = save_checkpoint(args.checkpoint_dir, plan, progress, keep=args.keep)
                     except OSError as error:
                         raise OutputWriteError(path, error) from error
                 # A stop asked for during the last call has nothing left to stop: the run ends as usual.
@@ -296,7 +300,7 @@ def _train(
                     return _report_stop(stop.signal_number, progress, saved_at, argv)
         reporter.draw_plot()
         if progress is not None:
-            _say_how_it_ended(config, progress.history, args)
+            _say_how_it_ended(plan, progress.history, args)
         if args.save is not None and progress is not None:
             write_output(args.save, saved_model_bytes(config, progress.state, list(progress.diverged)))
             print(f"trained parameters written to {args.save}")

@@ -19,6 +19,7 @@ from jaxmnist.idx import IMAGE_SIZE
 
 if TYPE_CHECKING:
     from jaxmnist.config import TrainConfig
+    from jaxmnist.plan import RunPlan
 
 
 class ImageError(ValueError):
@@ -46,7 +47,7 @@ def read_digit_image(path: str | os.PathLike, image_shape: tuple[int, ...] = (IM
 
 
 def predict_probabilities(
-    config: TrainConfig,
+    config: TrainConfig | RunPlan,
     params: Any,
     images: np.ndarray,
     seed: int | None = None,
@@ -72,15 +73,16 @@ def predict_probabilities(
     import optax
 
     from jaxmnist.checkpoint import tree_difference
-    from jaxmnist.config import num_runs, swept_settings
     from jaxmnist.model_source import ModelSpecError
     from jaxmnist.normalization import normalize
-    from jaxmnist.runs import grid_runs, run_keys, settings_model
+    from jaxmnist.plan import plan_of, run_keys
+    from jaxmnist.runs import settings_model
     from jaxmnist.train import create_train_state
 
     collections = collections or {}
-    runs = grid_runs(config)
-    chosen = _chosen_runs(runs, swept_settings(config), values or {}, seed, diverged)
+    plan = plan_of(config)
+    config, runs = plan.config, plan.runs
+    chosen = _chosen_runs(runs, plan.swept, values or {}, seed, diverged)
     chosen = [index for index in chosen if index not in diverged]
     if not chosen:
         raise ValueError("the runs chosen diverged in training: their parameters predict nothing; choose others")
@@ -88,7 +90,7 @@ def predict_probabilities(
     template = create_train_state(
         init_key, settings_model(config).build(init_key), optax.identity(), input_shape=(1, *images.shape[1:])
     )
-    stacked = num_runs(config) > 1
+    stacked = plan.stacked
     one_run = jax.tree.map(lambda leaf: leaf[0], params) if stacked else params
     difference = tree_difference(one_run, template.params)
     if difference is not None:
@@ -104,7 +106,7 @@ def predict_probabilities(
     return np.asarray(jax.vmap(probabilities)(pick(params), pick(collections))).mean(axis=0)
 
 
-def _chosen_runs(runs: list, swept: dict[str, tuple[float, ...]], values: dict[str, float], seed: int | None,
+def _chosen_runs(runs: Sequence, swept: dict[str, tuple[float, ...]], values: dict[str, float], seed: int | None,
                  diverged: Sequence[int]) -> list[int]:  # fmt: skip
     """The positions of the runs that ``values`` and ``seed`` name; ``ValueError`` saying what is missing, with
     the values of configurations that trained (a configuration whose every run diverged is no choice)."""

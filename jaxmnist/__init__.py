@@ -24,6 +24,7 @@ _EXPORTS = {
     "accuracy": "jaxmnist.losses",
     "TrainConfig": "jaxmnist.config",
     "fit": "jaxmnist.loop",
+    "RunPlan": "jaxmnist.plan",
     "train_chunk": "jaxmnist.train",
     # The errors a caller catches: each names the API argument at fault.
     "SettingsError": "jaxmnist.config",
@@ -47,6 +48,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
     from jaxmnist.model import MLP  # noqa: F401
     from jaxmnist.model_source import ModelSpecError  # noqa: F401
     from jaxmnist.normalization import normalize  # noqa: F401
+    from jaxmnist.plan import RunPlan  # noqa: F401
     from jaxmnist.runs import RunError  # noqa: F401
     from jaxmnist.train import (  # noqa: F401
         ModelCallError,

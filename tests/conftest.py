@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import struct
 import subprocess
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +18,30 @@ from jaxmnist.data import write_mnist
 from jaxmnist.paths import DATA_DIR_ENV
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+# A persistent compilation cache for the calls the session's tests make in their own processes: the same
+# small programs compile once per worker, not in every test. Each worker has its own folder (JAX writes an
+# entry in place, so another process could read it half-written); the commands the tests start are not
+# given it: they keep their own cache (or none), and one killed while writing never meets it.
+_SHARED_XLA_CACHE = "JAXMNIST_TESTS_XLA_CACHE"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    folder = os.environ.get(_SHARED_XLA_CACHE)
+    if folder is None:  # the first process of the session: the workers it starts inherit the folder
+        folder = os.environ[_SHARED_XLA_CACHE] = tempfile.mkdtemp(prefix="jaxmnist-tests-xla-")
+        config.stash[_CACHE_MADE_HERE] = folder
+    jax.config.update("jax_compilation_cache_dir", str(Path(folder) / os.environ.get("PYTEST_XDIST_WORKER", "main")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    folder = config.stash.get(_CACHE_MADE_HERE, None)
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+_CACHE_MADE_HERE = pytest.StashKey[str]()
 
 
 def make_digits(num_examples: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

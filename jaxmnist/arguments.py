@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ast
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 Arguments = dict[str, Any]
@@ -92,10 +92,11 @@ def _kind(value: Any) -> str:
     return type(value).__name__
 
 
-def check_arguments(function: Callable, arguments: Arguments, argument: str, given: tuple[str, ...] = ()) -> None:
+def check_arguments(function: Callable, arguments: Arguments, argument: str,
+                    given: Mapping[str, str] | tuple[str, ...] = ()) -> None:  # fmt: skip
     """Raises ``ValueError`` naming ``argument`` when ``function`` cannot take ``arguments``: a name its
-    signature lacks, one of ``given`` (set elsewhere), or a value of another kind than the parameter's default
-    (a number for a number, ``True``/``False`` for a flag).
+    signature lacks, one of ``given`` (set elsewhere: by the setting it maps to, else by its namesake), or a
+    value of another kind than the parameter's default (a number for a number, ``True``/``False`` for a flag).
 
     Example:
         >>> import optax
@@ -110,7 +111,8 @@ def check_arguments(function: Callable, arguments: Arguments, argument: str, giv
     takes_any = any(parameter.kind == parameter.VAR_KEYWORD for parameter in parameters.values())
     for key, value in arguments.items():
         if key in given:
-            raise ValueError(f"`{argument}` sets {key!r}, which has a setting of its own")
+            setting = given[key] if isinstance(given, Mapping) else key
+            raise ValueError(f"`{argument}` sets {key!r}, which `{setting}` sets")
         parameter = parameters.get(key)
         if parameter is None or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
             if takes_any:

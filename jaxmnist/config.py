@@ -277,9 +277,11 @@ class TrainConfig:
         if problem is not None:
             raise SettingsError(f"`schedule_args`: {problem}")
         if self.momentum is not None and self.optimizer not in ("momentum", "nesterov"):
-            raise SettingsError(f"`momentum` is for optimizer 'momentum' or 'nesterov', not {self.optimizer!r}")
+            raise SettingsError(f"`momentum` is for optimizer 'momentum' or 'nesterov', not {self.optimizer!r}: give "
+                                "another optimizer's as `optimizer_args` momentum=M")  # fmt: skip
         if self.weight_decay is not None and self.optimizer != "adamw":
-            raise SettingsError(f"`weight_decay` is for optimizer 'adamw', not {self.optimizer!r}")
+            raise SettingsError(f"`weight_decay` is for optimizer 'adamw', not {self.optimizer!r}: give another "
+                                "optimizer's as `optimizer_args` weight_decay=W")  # fmt: skip
         if self.warmup_steps and self.schedule != "warmup-cosine":
             raise SettingsError(f"`warmup_steps` is for schedule 'warmup-cosine', not {self.schedule!r}")
         if self.seed + self.seeds > 2**32:

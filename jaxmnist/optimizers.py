@@ -80,12 +80,20 @@ def torch_adagrad(
     Returns:
         The ``optax.GradientTransformation``.
 
+    Raises:
+        ValueError: a negative value, which PyTorch refuses too.
+
     Example:
         >>> optimizer = torch_adagrad(0.5)  # the first step moves each weight by the rate
         >>> updates, _ = optimizer.update(jnp.array([2.0, -0.5]), optimizer.init(jnp.zeros(2)))
         >>> updates.tolist()
         [-0.5, 0.5]
     """
+    arguments = {"learning_rate": learning_rate, "lr_decay": lr_decay, "weight_decay": weight_decay,
+                 "initial_accumulator_value": initial_accumulator_value, "eps": eps}  # fmt: skip
+    for name, value in arguments.items():  # refused as torch.optim.Adagrad refuses them
+        if not callable(value) and not isinstance(value, jax.core.Tracer) and value < 0:
+            raise ValueError(f"`{name}` must be at least 0, got {value}")
     decay = [optax.add_decayed_weights(weight_decay)] if weight_decay else []
     rate_decay = [optax.scale_by_schedule(lambda count: 1 / (1 + count * lr_decay))] if lr_decay else []
     return optax.chain(*decay, scale_by_root_sum_of_squares(initial_accumulator_value, eps), *rate_decay,
@@ -173,7 +181,9 @@ def build_optimizer_by_name(name: str, learning_rate: Any, arguments: Arguments,
     """
     factory = optimizer_factory(name)
     own = own or {}
-    fixed = ("learning_rate", *own, *getattr(factory, "keywords", {}))  # a shortcut's nesterov among them
+    # What other settings give: the rate, momentum and weight decay, and a shortcut's nesterov (its name's)
+    fixed = {"learning_rate": "learning_rate", **{name: name for name in own},
+             **{name: "optimizer" for name in getattr(factory, "keywords", {})}}  # fmt: skip
     check_arguments(getattr(factory, "func", factory), arguments, "optimizer_args", fixed)
     try:
         optimizer = factory(learning_rate=learning_rate, **own, **arguments)

@@ -54,9 +54,11 @@ def test_malformed_arguments_text_is_refused_naming_the_pair(text, message):
         ("rmsprop", "rho=0.9", "rmsprop takes no 'rho' \\(it takes decay, eps"),
         ("rmsprop", "centered=0.5", "rmsprop's 'centered' takes a bool \\(default False\\), got 0.5"),
         ("rmsprop", "decay=fast", "'decay' takes a number"),
-        ("adam", "learning_rate=0.1", "sets 'learning_rate', which has a setting of its own"),
-        ("nesterov", "nesterov=False", "sets 'nesterov', which has a setting of its own"),
-        ("adamw", "weight_decay=0.1", "sets 'weight_decay', which has a setting of its own"),
+        ("adam", "learning_rate=0.1", "sets 'learning_rate', which `learning_rate` sets"),
+        ("nesterov", "nesterov=False", "sets 'nesterov', which `optimizer` sets"),
+        ("adamw", "weight_decay=0.1", "sets 'weight_decay', which `weight_decay` sets"),
+        ("torch_adagrad", "lr_decay=-0.1", "raised ValueError: `lr_decay` must be at least 0, got -0.1"),
+        ("torch_adagrad", "eps=-1", "raised ValueError: `eps` must be at least 0, got -1"),
     ],
 )
 def test_an_optimizer_or_argument_that_does_not_fit_is_one_error_naming_it(optimizer, arguments, message):
@@ -122,6 +124,14 @@ def test_a_grid_of_learning_rates_works_for_any_optax_optimizer():
     [
         (["--optimizer", "adadleta"], "error: --optimizer adadleta is not an optax optimizer; did you mean adadelta?"),
         (["--optimizer", "rmsprop", "--optimizer-args", "rho=1"], "error: --optimizer-args: rmsprop takes no 'rho'"),
+        (
+            ["--optimizer", "torch_adagrad", "--optimizer-args", "initial_accumulator_value=-1"],
+            "initial_accumulator_value must be at least 0, got -1",
+        ),
+        (
+            ["--optimizer", "torch_adagrad", "--weight-decay", "0.1"],
+            "give another optimizer's as --optimizer-args weight_decay=W",
+        ),
         (["--schedule", "step", "--schedule-args", "gama=0.7"], "error: --schedule-args: 'step' takes no 'gama'"),
         (["--schedule", "exponential"], "error: --schedule-args: 'exponential' needs gamma (e.g. gamma=0.9)"),
         (["--schedule", "multistep", "--schedule-args", "milestones=[0]"], "milestones must be a list of epochs"),

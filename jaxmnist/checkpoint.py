@@ -24,7 +24,7 @@ from flax import serialization, traverse_util
 from jaxmnist.config import TrainConfig, config_from_dict, config_to_dict, value_text
 from jaxmnist.files import PathArg, remove_temporary_files, write_atomically
 from jaxmnist.loop import EpochResult, Progress
-from jaxmnist.plan import RunPlan, plan_of
+from jaxmnist.plan import RunPlan, plan_of, run_keys
 from jaxmnist.train import TrainState
 
 FORMAT = "jaxmnist-checkpoint"
@@ -111,7 +111,7 @@ def save_checkpoint(directory: PathArg, config: TrainConfig | RunPlan, progress:
         "step_losses": np.asarray(progress.step_losses),
         "step_accuracies": np.asarray(progress.step_accuracies),
         "step_metrics": {name: np.asarray(values) for name, values in progress.step_metrics.items()},
-        "data_key": np.asarray(jax.random.key_data(plan.data_keys[0])),
+        "data_key": np.asarray(jax.random.key_data(run_keys(plan.first_run.seed)[1])),
         "results": json.dumps([dataclasses.asdict(result) for result in progress.history]),
         "diverged": json.dumps(progress.diverged),
     }
@@ -190,7 +190,7 @@ def restore_progress(path: PathArg, config: TrainConfig | RunPlan, template: Tra
     try:
         state = serialization.from_state_dict(template, payload["state"])
         saved_key = np.asarray(payload["data_key"])
-        if not np.array_equal(saved_key, np.asarray(jax.random.key_data(plan.data_keys[0]))):
+        if not np.array_equal(saved_key, np.asarray(jax.random.key_data(run_keys(plan.first_run.seed)[1]))):
             raise ValueError("its RNG state does not match its seed")
         progress = Progress(
             state=jax.device_put(state),

@@ -89,10 +89,10 @@ def torch_adagrad(
         >>> updates.tolist()
         [-0.5, 0.5]
     """
-    arguments = {"learning_rate": learning_rate, "lr_decay": lr_decay, "weight_decay": weight_decay,
+    arguments = {"lr_decay": lr_decay, "weight_decay": weight_decay,
                  "initial_accumulator_value": initial_accumulator_value, "eps": eps}  # fmt: skip
     for name, value in arguments.items():  # refused as torch.optim.Adagrad refuses them
-        if not callable(value) and not isinstance(value, jax.core.Tracer) and value < 0:
+        if value < 0:
             raise ValueError(f"`{name}` must be at least 0, got {value}")
     decay = [optax.add_decayed_weights(weight_decay)] if weight_decay else []
     rate_decay = [optax.scale_by_schedule(lambda count: 1 / (1 + count * lr_decay))] if lr_decay else []

@@ -238,8 +238,13 @@ class Reporter:
         if self.tensorboard is not None:
             self.tensorboard.steps(progress, self._position if progress.epoch == self._epoch else 0)
         self._epoch, self._position = progress.epoch, progress.position
-        if not progress.results:
-            return
+        if progress.results:
+            self._epoch_ended(progress)
+        if self.tensorboard is not None:  # on disk as each call ends: a checkpoint after it keeps what was logged
+            self.tensorboard.flush()
+
+    def _epoch_ended(self, progress: Progress) -> None:
+        """The epoch's lines, metrics record, best parameters and TensorBoard scalars."""
         previous = self.history[-1] if self.history else None
         self.history = progress.history
         if progress.results[0].swept:
@@ -266,11 +271,6 @@ class Reporter:
         if self.metrics_out is not None:
             lines = "".join(json.dumps(metrics_record(result)) + "\n" for result in self.history)
             write_output(self.metrics_out, lines.encode())
-
-    def flush(self) -> None:
-        """TensorBoard's buffered events onto disk (the other files are written whole)."""
-        if self.tensorboard is not None:
-            self.tensorboard.flush()
 
     def close(self) -> None:
         self.bar.close()

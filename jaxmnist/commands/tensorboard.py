@@ -100,7 +100,6 @@ class TensorBoardLog:
                     going = [member for member in members if member not in progress.diverged]
                     if going:
                         writer.add_scalar("batch/loss", float(np.mean(losses[going, position])), before + position + 1)
-        self.flush()  # on disk as each compiled call ends: TensorBoard shows the run as it trains
 
     def epoch(self, results: tuple[EpochResult, ...]) -> None:
         """The epoch's scalars; with several seeds their mean, and ``_min``/``_max`` beside it. A grid's
@@ -109,10 +108,10 @@ class TensorBoardLog:
             going = [results[member] for member in members if not results[member].diverged]
             if going:
                 _epoch_scalars(writer, going)
-        self.flush()
 
     def flush(self) -> None:
-        """Every event logged so far onto disk (before a checkpoint: a run killed after it resumes from there)."""
+        """Every event logged so far onto disk: TensorBoard shows the run as it trains, and a run killed after a
+        checkpoint keeps what it logged before it."""
         for writer, _, _ in self.groups:
             writer.flush()
 

@@ -288,7 +288,6 @@ def _train(args: argparse.Namespace, argv: list[str], plan: RunPlan, mesh, stop:
                 reporter.update(progress)
                 checkpoint_now = progress.epoch_done or args.checkpoint_every or stop.signal_number
                 if writer and args.checkpoint_dir is not None and checkpoint_now:
-                    reporter.flush()  # a run resumed from here logs on from here: what is buffered goes first
                     path = checkpoint_path(args.checkpoint_dir, progress.global_step)
                     try:
                         saved_at = save_checkpoint(args.checkpoint_dir, plan, progress, keep=args.keep)

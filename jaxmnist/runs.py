@@ -214,6 +214,11 @@ def initial_state(run: Run, runs_sharding: jax.sharding.Sharding | None = None) 
     create_first = _creation(run, first_run)
     if not plan.stacked:
         with _model_errors(run):
+            if isinstance(create_first.keywords["model"], nn.Module):
+                try:
+                    return _run_once(create_first, run_keys(first_run.seed)[0])
+                except _NEEDS_VALUES:
+                    pass
             return create_first(run_keys(first_run.seed)[0])
     if isinstance(create_first.keywords["model"], nn.Module):
         try:
@@ -269,13 +274,18 @@ def _linen_states(run: Run, sharding: jax.sharding.Sharding | None) -> TrainStat
                       for part, params in zip(rows, row_params, strict=True)]  # fmt: skip
         return state.replace(opt_state=jax.tree.map(lambda *leaves: jnp.concatenate(leaves), *opt_states))
 
-    seeds = jnp.asarray([grid_run.seed for grid_run in runs], jnp.uint32)
-    call = jax.jit(states, out_shardings=sharding)
-    if isinstance(seeds, jax.core.Tracer):  # traced for its shapes (``initial_shapes``): nothing to compile
-        return call(seeds)
-    lowered = call.lower(seeds)
+    return _run_once(states, jnp.asarray([grid_run.seed for grid_run in runs], jnp.uint32), sharding)
+
+
+def _run_once(function: Callable[[jax.Array], TrainState], argument: jax.Array,
+              sharding: jax.sharding.Sharding | None = None) -> TrainState:  # fmt: skip
+    """``function(argument)`` compiled to run once: one program rather than an eager call per initializer
+    operation, each compiled on its first use (most of a short command's start-up)."""
+    call = jax.jit(function, out_shardings=sharding)
+    if isinstance(argument, jax.core.Tracer):  # traced for its shapes (``initial_shapes``): nothing to compile
+        return call(argument)
     platform = next(iter(sharding.device_set)).platform if sharding is not None else jax.default_backend()
-    return lowered.compile(_RUN_ONCE_CPU_OPTIONS if platform == "cpu" else None)(seeds)
+    return call.lower(argument).compile(_RUN_ONCE_CPU_OPTIONS if platform == "cpu" else None)(argument)
 
 
 def _stacked(states: list[TrainState], concatenate: bool = False) -> TrainState:

@@ -21,18 +21,19 @@ import pytest
 from PIL import Image
 
 from jaxmnist.checkpoint import load_params, restore_progress, save_checkpoint
+from jaxmnist.cnns import KerasExampleConvnet, PyTorchExampleNet
 from jaxmnist.commands import predict
 from jaxmnist.config import SettingsError, TrainConfig, grid_rows, num_runs
 from jaxmnist.data import load_mnist
 from jaxmnist.loop import DivergenceError, fit
 from jaxmnist.normalization import normalize
 from jaxmnist.parallel import runs_devices
-from jaxmnist.plan import RunPlan
+from jaxmnist.plan import RunPlan, run_keys
 from jaxmnist.predict import predict_probabilities
 from jaxmnist.programs import Programs
 from jaxmnist.runs import RunError, build_run, estimated_bytes, initial_state
 from jaxmnist.sweeps import best_configuration, final_results, summarize
-from jaxmnist.train import evaluate
+from jaxmnist.train import create_train_state, evaluate
 
 from conftest import kept, make_digits, template_state, tensorboard_events, train_exit_code
 
@@ -687,6 +688,24 @@ def test_seeds_of_a_model_with_flax_initializers_start_as_each_seed_alone():
         alone_config = TrainConfig(seed=seed)
         alone = initial_state(build_run(alone_config, (28, 28), 640, model=_FlaxInitializers()))
         chex.assert_trees_all_equal(jax.tree.map(lambda leaf, row=row: leaf[row], stacked.params), alone.params)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("model", [None, _FlaxInitializers(), PyTorchExampleNet(), KerasExampleConvnet()])
+def test_a_single_run_starts_from_its_eager_initialization_to_the_bit(model, dtype):
+    """One run's initialization is one compiled call: the numbers of ``create_train_state`` called eagerly
+    (the lesson's MLP, flax's initializers, the reference CNNs' PyTorch-style uniform draws)."""
+    config = TrainConfig(seed=3, dtype=dtype, optimizer="adamw")
+    with jax.enable_x64(dtype == "float64"):
+        run = build_run(config, (28, 28), 640, model=model)
+        compiled = initial_state(run)
+        key = run_keys(config.seed)[0]
+        eager = create_train_state(key, run.model.build(key), run.optimizer, loss=run.loss, input_shape=(1, 28, 28))
+    chex.assert_trees_all_equal(
+        (compiled.params, compiled.opt_state, compiled.key), (eager.params, eager.opt_state, eager.key)
+    )
+    if model is None:  # the lesson's MLP computes in the settings' dtype; a given model in its own
+        assert jax.tree.leaves(compiled.params)[0].dtype == dtype
 
 
 def test_every_run_starts_from_the_very_state_of_its_run_alone():

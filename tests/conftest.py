@@ -19,11 +19,14 @@ from jaxmnist.paths import DATA_DIR_ENV
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
-# A persistent compilation cache for the calls the session's tests make in their own processes: the same
-# small programs compile once per worker, not in every test. Each worker has its own folder (JAX writes an
-# entry in place, so another process could read it half-written); the commands the tests start are not
-# given it: they keep their own cache (or none), and one killed while writing never meets it.
+# One persistent compilation cache for the whole session: the workers' own calls and the commands the tests
+# start (given it through JAX's environment variables) compile each small program once, not in every test.
+# A size limit turns on JAX's lock around each read and write, so no process reads an entry another is
+# still writing. A command a test kills or limits gets a cache of its own (``own_compile_cache``): one
+# killed mid-write would leave a half-written entry for the tests after it.
 _SHARED_XLA_CACHE = "JAXMNIST_TESTS_XLA_CACHE"
+_CACHE_DIR_ENV = "JAX_COMPILATION_CACHE_DIR"
+_CACHE_MADE_HERE = pytest.StashKey[str]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -31,8 +34,11 @@ def pytest_configure(config: pytest.Config) -> None:
     if folder is None:  # the first process of the session: the workers it starts inherit the folder
         folder = os.environ[_SHARED_XLA_CACHE] = tempfile.mkdtemp(prefix="jaxmnist-tests-xla-")
         config.stash[_CACHE_MADE_HERE] = folder
-    jax.config.update("jax_compilation_cache_dir", str(Path(folder) / os.environ.get("PYTEST_XDIST_WORKER", "main")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    settings = {"jax_compilation_cache_dir": folder, "jax_persistent_cache_min_compile_time_secs": 0.0,
+                "jax_compilation_cache_max_size": 16 << 30}  # fmt: skip
+    for name, value in settings.items():
+        jax.config.update(name, value)
+        os.environ[name.upper()] = str(value)  # how JAX in a command the tests start reads its settings
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -41,7 +47,12 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-_CACHE_MADE_HERE = pytest.StashKey[str]()
+@pytest.fixture
+def own_compile_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A compilation cache for this test's commands alone (those it kills, signals or limits)."""
+    folder = tmp_path / "xla-cache"
+    monkeypatch.setenv(_CACHE_DIR_ENV, str(folder))
+    return folder
 
 
 def make_digits(num_examples: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

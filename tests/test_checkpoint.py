@@ -197,6 +197,7 @@ def _train_command(small_mnist_dir: Path, checkpoint_dir: Path, *extra: str) -> 
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("own_compile_cache")  # signalled commands
 @pytest.mark.parametrize("sent, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_stops_at_a_step_boundary_saves_and_says_how_to_resume(
     small_mnist_dir: Path, tmp_path: Path, sent, code
@@ -224,6 +225,7 @@ def mnist_sized_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("own_compile_cache")  # signalled commands
 def test_a_second_sigint_inside_a_long_compiled_call_exits_at_once_with_130_and_an_intact_checkpoint(
     mnist_sized_dir: Path, tmp_path: Path
 ):

@@ -7,6 +7,7 @@ would issue it.
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import signal
@@ -21,7 +22,8 @@ from jaxmnist import checkpoint
 
 from conftest import tensorboard_events, wait_for
 
-pytestmark = pytest.mark.slow  # whole runs killed and resumed in subprocesses
+# Whole runs killed and resumed in subprocesses, which compile into a cache of the test's own.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("own_compile_cache")]
 
 EXIT_WRITE_FAILED = 74
 
@@ -168,7 +170,10 @@ def _with_file_size_limit(command: list[str], limit: int) -> list[str]:
 
 def test_a_file_too_large_is_one_line_exit_74_and_leaves_no_temporary_file(small_mnist_dir, uninterrupted, tmp_path):
     command = _command(small_mnist_dir, tmp_path / "ck", tmp_path / "m.jsonl")
-    failed = subprocess.run(_with_file_size_limit(command, 200_000), capture_output=True, text=True)  # < a checkpoint
+    # Without a compilation cache: the limit would hold its writes too.
+    environment = {name: value for name, value in os.environ.items() if name != "JAX_COMPILATION_CACHE_DIR"}
+    limited = _with_file_size_limit(command, 200_000)  # < a checkpoint
+    failed = subprocess.run(limited, capture_output=True, text=True, env=environment)
     assert failed.returncode == EXIT_WRITE_FAILED, failed.stderr
     assert failed.stderr.count("\n") == 1 and "Traceback" not in failed.stderr
     assert "cannot write" in failed.stderr and "file too large" in failed.stderr and "--resume" in failed.stderr

@@ -24,7 +24,8 @@ from jaxmnist.model_source import Model, ModelSource, from_object, load_model
 from jaxmnist.plan import GridRun, RunPlan, plan_of, run_keys
 from jaxmnist.recipe import build_model, build_optimizer
 from jaxmnist.train import ModelCallError, TrainState, create_train_state, param_dtype
-from jaxmnist.train.state import LossFn
+from jaxmnist.train.adapters import LinenModel
+from jaxmnist.train.state import LossFn, linen_sample
 from jaxmnist.train.steps import saved_for_backward
 
 # What tracing raises for a model whose initialization needs concrete values: such a model is initialized
@@ -34,10 +35,6 @@ _NEEDS_VALUES = (
     jax.errors.TracerArrayConversionError,
     jax.errors.TracerIntegerConversionError,
 )
-# The initialization is compiled to run once: on a CPU, LLVM's O1 halves its compile time, with the numbers
-# of the default O3 for the initializers tested (uniform, truncated normal: every run against its eager
-# initialization); O0 changes them.
-_RUN_ONCE_CPU_OPTIONS = {"xla_backend_optimization_level": 1}
 # The held-out images' key, one for every seed: the one seed 0 drew when it came from the seed (format
 # version 2 checkpoints), apart from the init and data keys (which stay split(key(seed))).
 _VALIDATION_SALT = 0x76616C  # "val"
@@ -210,27 +207,12 @@ def initial_state(run: Run, runs_sharding: jax.sharding.Sharding | None = None) 
     the devices along the run axis).
     """
     plan = run.plan
-    first_run = plan.first_run
-    create_first = _creation(run, first_run)
-    if not plan.stacked:
-        with _model_errors(run):
-            if isinstance(create_first.keywords["model"], nn.Module):
-                try:
-                    return _run_once(create_first, run_keys(first_run.seed)[0])
-                except _NEEDS_VALUES:
-                    pass
-            return create_first(run_keys(first_run.seed)[0])
-    if isinstance(create_first.keywords["model"], nn.Module):
-        try:
-            with _model_errors(run):
-                check_memory(plan, jax.eval_shape(create_first, run_keys(first_run.seed)[0]), run.num_train_images)
-                return _linen_states(run, runs_sharding)
-        except _NEEDS_VALUES:
-            pass
     with _model_errors(run):
-        states = [create_first(run_keys(first_run.seed)[0])]
-        check_memory(plan, states[0], run.num_train_images)  # before the other runs are built
-        states += [_creation(run, grid_run)(run_keys(grid_run.seed)[0]) for grid_run in plan.runs[1:]]
+        first = _state_of(run, plan.first_run)
+        if not plan.stacked:
+            return first
+        check_memory(plan, first, run.num_train_images)  # before the other runs are built
+        states = [first, *(_state_of(run, grid_run) for grid_run in plan.runs[1:])]
     return _stacked(states) if runs_sharding is None else jax.device_put(_stacked(states), runs_sharding)
 
 
@@ -256,46 +238,56 @@ def _creation(run: Run, grid_run: GridRun) -> Callable[[jax.Array], TrainState]:
                    input_shape=(1, *run.image_shape))  # fmt: skip
 
 
-def _linen_states(run: Run, sharding: jax.sharding.Sharding | None) -> TrainState:
-    """Every run's state from one compiled call: the parameters of each module (one per dropout rate, else
-    one) initialized for each of its runs' keys in turn, then each row's optimizer state from its runs'
-    parameters: the numbers each run's eager initialization gives."""
-    runs, seeds_per_row = run.plan.runs, run.plan.config.seeds
-    rows = [slice(start, start + seeds_per_row) for start in range(0, len(runs), seeds_per_row)]
-    one_module = "dropout" not in runs[0].values  # else one module per row, each with its row's rate
-
-    def states(seeds: jax.Array) -> TrainState:
-        init_keys = jax.vmap(lambda seed: run_keys(seed)[0])(seeds)
-        built = [jax.lax.map(_creation(run, runs[part.start]), init_keys[part])
-                 for part in ([slice(0, len(runs))] if one_module else rows)]  # fmt: skip
-        state = _stacked(built, concatenate=True)
-        row_params = [jax.tree.map(lambda leaf, part=part: leaf[part], state.params) for part in rows]
-        opt_states = [jax.vmap(run.row_optimizers[runs[part.start].row].init)(params)
-                      for part, params in zip(rows, row_params, strict=True)]  # fmt: skip
-        return state.replace(opt_state=jax.tree.map(lambda *leaves: jnp.concatenate(leaves), *opt_states))
-
-    return _run_once(states, jnp.asarray([grid_run.seed for grid_run in runs], jnp.uint32), sharding)
+def _state_of(run: Run, grid_run: GridRun) -> TrainState:
+    """One run's initial state: ``create_train_state`` of its model, loss and row's optimizer from its init
+    key, a linen model's variables drawn by one compiled call (a model whose initialization needs values,
+    or that cannot be a static argument, is initialized eagerly)."""
+    create = _creation(run, grid_run)
+    key, module = run_keys(grid_run.seed)[0], create.keywords["model"]
+    if isinstance(module, nn.Module) and _hashable(module):
+        try:
+            return create(key, variables=_initial_variables(module, key, create.keywords["input_shape"]))
+        except _NEEDS_VALUES:
+            pass
+    return create(key)
 
 
-def _run_once(function: Callable[[jax.Array], TrainState], argument: jax.Array,
-              sharding: jax.sharding.Sharding | None = None) -> TrainState:  # fmt: skip
-    """``function(argument)`` compiled to run once: one program rather than an eager call per initializer
-    operation, each compiled on its first use (most of a short command's start-up)."""
-    call = jax.jit(function, out_shardings=sharding)
-    if isinstance(argument, jax.core.Tracer):  # traced for its shapes (``initial_shapes``): nothing to compile
-        return call(argument)
-    platform = next(iter(sharding.device_set)).platform if sharding is not None else jax.default_backend()
-    return call.lower(argument).compile(_RUN_ONCE_CPU_OPTIONS if platform == "cpu" else None)(argument)
+def _hashable(module: nn.Module) -> bool:
+    try:
+        hash(module)
+    except TypeError:  # e.g. a list among its fields
+        return False
+    return True
 
 
-def _stacked(states: list[TrainState], concatenate: bool = False) -> TrainState:
-    """The states of several runs as one, along a new leading axis (or their own, with ``concatenate``). One
-    program serves every run: the first's calling convention and optimizer, whose update reads each run's
-    hyperparameters from its own state (an NNX model's convention is a new object per module)."""
+def _initialize(module: nn.Module, key: jax.Array, input_shape: tuple[int, ...]) -> dict:
+    return LinenModel.wrap(module).initial_variables(key, linen_sample(module, input_shape))
+
+
+# A linen model's initialization, compiled once per model and image shape (eagerly, each initializer
+# operation compiles on its first use: most of a short command's start-up) and the same program for every
+# seed and grid row. On a CPU, LLVM's O1 halves its compile time, with the numbers of eager initialization
+# (tested: uniform, truncated normal); O0 changes them.
+_COMPILED_INITIALIZATIONS = {
+    platform: jax.jit(_initialize, static_argnames=("module", "input_shape"), compiler_options=options)
+    for platform, options in (("cpu", {"xla_backend_optimization_level": 1}), ("other", None))
+}
+
+
+def _initial_variables(module: nn.Module, key: jax.Array, input_shape: tuple[int, ...]) -> dict:
+    # Traced inside another function (``initial_shapes``), it is compiled as a part of that, if ever.
+    top_level_cpu = jax.default_backend() == "cpu" and not isinstance(key, jax.core.Tracer)
+    platform = "cpu" if top_level_cpu else "other"
+    return _COMPILED_INITIALIZATIONS[platform](module, key, input_shape=input_shape)
+
+
+def _stacked(states: list[TrainState]) -> TrainState:
+    """The states of several runs as one, along a new leading axis. One program serves every run: the
+    first's calling convention and optimizer, whose update reads each run's hyperparameters from its own
+    state (each run's model convention and optimizer are objects of their own)."""
     first = states[0]
     shared = {"apply_fn": first.apply_fn, "model_call": first.model_call, "tx": first.tx}
-    join = jnp.concatenate if concatenate else jnp.stack
-    return jax.tree.map(lambda *leaves: join(leaves), *(state.replace(**shared) for state in states))
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *(state.replace(**shared) for state in states))
 
 
 @contextlib.contextmanager

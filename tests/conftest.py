@@ -19,11 +19,11 @@ from jaxmnist.paths import DATA_DIR_ENV
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
-# One persistent compilation cache for the whole session: the workers' own calls and the commands the tests
-# start (given it through JAX's environment variables) compile each small program once, not in every test.
-# A size limit turns on JAX's lock around each read and write, so no process reads an entry another is
-# still writing. A command a test kills or limits gets a cache of its own (``own_compile_cache``): one
-# killed mid-write would leave a half-written entry for the tests after it.
+# A persistent compilation cache for each test worker, shared by its own calls and by the commands its
+# tests start (given it through JAX's environment variables): each small program compiles once per worker,
+# not in every test. A worker and its commands take turns, so none reads an entry another is still
+# writing (JAX writes in place, unlocked); a command a test kills, signals or runs beside another gets a
+# cache of its own (``own_compile_cache``), so a half-written entry never meets the tests after it.
 _SHARED_XLA_CACHE = "JAXMNIST_TESTS_XLA_CACHE"
 _CACHE_DIR_ENV = "JAX_COMPILATION_CACHE_DIR"
 _CACHE_MADE_HERE = pytest.StashKey[str]()
@@ -34,8 +34,8 @@ def pytest_configure(config: pytest.Config) -> None:
     if folder is None:  # the first process of the session: the workers it starts inherit the folder
         folder = os.environ[_SHARED_XLA_CACHE] = tempfile.mkdtemp(prefix="jaxmnist-tests-xla-")
         config.stash[_CACHE_MADE_HERE] = folder
-    settings = {"jax_compilation_cache_dir": folder, "jax_persistent_cache_min_compile_time_secs": 0.0,
-                "jax_compilation_cache_max_size": 16 << 30}  # fmt: skip
+    worker_folder = str(Path(folder) / os.environ.get("PYTEST_XDIST_WORKER", "main"))
+    settings = {"jax_compilation_cache_dir": worker_folder, "jax_persistent_cache_min_compile_time_secs": 0.0}
     for name, value in settings.items():
         jax.config.update(name, value)
         os.environ[name.upper()] = str(value)  # how JAX in a command the tests start reads its settings
@@ -49,7 +49,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 @pytest.fixture
 def own_compile_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A compilation cache for this test's commands alone (those it kills, signals or limits)."""
+    """A compilation cache for this test's commands alone (those it kills or signals, or runs side by side)."""
     folder = tmp_path / "xla-cache"
     monkeypatch.setenv(_CACHE_DIR_ENV, str(folder))
     return folder

@@ -93,6 +93,7 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+@pytest.mark.usefixtures("own_compile_cache")  # two commands at once
 def test_two_processes_on_localhost_train_as_one(tmp_path: Path):
     from jaxmnist.data import write_mnist
 

@@ -117,11 +117,21 @@ class LinenModel:
     def _train_kwargs(self, train: bool) -> dict[str, bool]:
         return {"train": train} if self.signature.takes_train else {}
 
-    def init(self, key: jax.Array, sample: jax.Array) -> tuple[LinenModel, Params, Collections]:
-        """The model with its sown collections known, its parameters and its carried collections."""
+    def initial_variables(self, key: jax.Array, sample: jax.Array) -> Collections:
+        """The module's variables as ``init`` draws them from ``key`` on a batch like ``sample``."""
+        return self.module.init(self._init_rngs(key), sample, **self._train_kwargs(False))
+
+    def _init_rngs(self, key: jax.Array) -> dict[str, jax.Array]:
         # A dropout key too, for models whose dropout is on at init; "params" is drawn from ``key`` alone.
-        rngs = {"params": key, "dropout": jax.random.fold_in(key, 1)}
-        variables = self.module.init(rngs, sample, **self._train_kwargs(False))
+        return {"params": key, "dropout": jax.random.fold_in(key, 1)}
+
+    def init(
+        self, key: jax.Array, sample: jax.Array, variables: Collections | None = None
+    ) -> tuple[LinenModel, Params, Collections]:
+        """The model with its sown collections known, its parameters and its carried collections (those of
+        ``variables`` when given: what ``initial_variables`` gave, e.g. from a compiled call)."""
+        rngs = self._init_rngs(key)
+        variables = self.initial_variables(key, sample) if variables is None else variables
         others = {name: value for name, value in variables.items() if name != "params"}
 
         def train_apply(variables):

@@ -80,11 +80,10 @@ def _typed_key(rng: jax.Array) -> jax.Array:
     return rng if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(rng)
 
 
-def _init_linen(
-    model: LinenModel, rng: jax.Array, input_shape: tuple[int, ...]
-) -> tuple[LinenModel, Params, Collections]:
-    sample_dtype = getattr(model.module, "param_dtype", jnp.float32)
-    return model.init(rng, jnp.zeros(input_shape, sample_dtype))
+def linen_sample(module: nn.Module, input_shape: tuple[int, ...]) -> jax.Array:
+    """The batch of zeros a linen model is initialized on: in its parameters' dtype (float64 models see
+    float64 images)."""
+    return jnp.zeros(input_shape, getattr(module, "param_dtype", jnp.float32))
 
 
 def loss_keywords(loss_fn: Callable) -> tuple[str, ...]:
@@ -128,6 +127,7 @@ def create_train_state(
     loss: str | LossFn = "nll",
     input_shape: tuple[int, ...] = (1, 28, 28),
     params: Params | None = None,
+    variables: Collections | None = None,
 ) -> TrainState:
     """The initial train state of ``model`` under ``optimizer``.
 
@@ -148,6 +148,8 @@ def create_train_state(
             with a dict of scalars that join the step's metrics.
         input_shape: the shape of a batch of images the model takes, e.g. ``(1, 28, 28, 1)`` for a CNN.
         params: parameters to use instead of the model's own (e.g. weights copied from PyTorch).
+        variables: a linen model's variables as its ``init`` drew them from ``rng`` (e.g. in a compiled
+            call), used instead of initializing it here; ``params`` still replaces their parameters.
 
     Returns:
         A ``TrainState`` at step 0.
@@ -165,9 +167,13 @@ def create_train_state(
     rng = _typed_key(rng)
     model = MLP() if model is None else model
     if isinstance(model, nnx.Module):
+        if variables is not None:
+            raise TypeError("`variables` are a linen model's: an nnx.Module holds its own")
         model_call, own_params, collections = NnxModel.wrap(model)
     elif isinstance(model, nn.Module):
-        model_call, own_params, collections = _init_linen(LinenModel.wrap(model), rng, input_shape)
+        model_call, own_params, collections = LinenModel.wrap(model).init(
+            rng, linen_sample(model, input_shape), variables
+        )
     else:
         raise TypeError(f"`model` must be a flax.linen.Module or an nnx.Module, got {type(model).__name__}")
     loss_fn = LOSSES[loss] if isinstance(loss, str) else loss

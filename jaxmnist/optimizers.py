@@ -110,6 +110,7 @@ def _takes_learning_rate(function: Any) -> bool:
         return False
 
 
+@functools.cache  # optax's module does not change while it runs; a grid's every run asks
 def optax_optimizer_names() -> tuple[str, ...]:
     """The names of optax's optimizer functions: its public functions that take ``learning_rate``.
 

@@ -213,7 +213,7 @@ def initial_state(run: Run, runs_sharding: jax.sharding.Sharding | None = None) 
             return first
         check_memory(plan, first, run.num_train_images)  # before the other runs are built
         states = [first, *(_state_of(run, grid_run) for grid_run in plan.runs[1:])]
-    return _stacked(states) if runs_sharding is None else jax.device_put(_stacked(states), runs_sharding)
+    return jax.device_put(_stacked(states), runs_sharding)
 
 
 def initial_shapes(run: Run) -> TrainState:
@@ -287,7 +287,11 @@ def _stacked(states: list[TrainState]) -> TrainState:
     state (each run's model convention and optimizer are objects of their own)."""
     first = states[0]
     shared = {"apply_fn": first.apply_fn, "model_call": first.model_call, "tx": first.tx}
-    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *(state.replace(**shared) for state in states))
+    states = [state.replace(**shared) for state in states]
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(first)):  # traced for their shapes
+        return jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+    # On the host: on a device, every leaf shape would compile a program of its own.
+    return jax.tree.map(lambda *leaves: np.stack([np.asarray(leaf) for leaf in leaves]), *states)
 
 
 @contextlib.contextmanager

@@ -25,7 +25,7 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 # writing (JAX writes in place, unlocked); a command a test kills, signals or runs beside another gets a
 # cache of its own (``own_compile_cache``), so a half-written entry never meets the tests after it.
 _SHARED_XLA_CACHE = "JAXMNIST_TESTS_XLA_CACHE"
-_CACHE_DIR_ENV = "JAX_COMPILATION_CACHE_DIR"
+COMPILE_CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"  # where JAX in a command the tests start caches
 _CACHE_MADE_HERE = pytest.StashKey[str]()
 
 
@@ -51,7 +51,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 def own_compile_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A compilation cache for this test's commands alone (those it kills or signals, or runs side by side)."""
     folder = tmp_path / "xla-cache"
-    monkeypatch.setenv(_CACHE_DIR_ENV, str(folder))
+    monkeypatch.setenv(COMPILE_CACHE_ENV, str(folder))
     return folder
 
 

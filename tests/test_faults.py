@@ -20,7 +20,7 @@ import pytest
 
 from jaxmnist import checkpoint
 
-from conftest import tensorboard_events, wait_for
+from conftest import COMPILE_CACHE_ENV, tensorboard_events, wait_for
 
 # Whole runs killed and resumed in subprocesses, which compile into a cache of the test's own.
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("own_compile_cache")]
@@ -171,7 +171,7 @@ def _with_file_size_limit(command: list[str], limit: int) -> list[str]:
 def test_a_file_too_large_is_one_line_exit_74_and_leaves_no_temporary_file(small_mnist_dir, uninterrupted, tmp_path):
     command = _command(small_mnist_dir, tmp_path / "ck", tmp_path / "m.jsonl")
     # Without a compilation cache: the limit would hold its writes too.
-    environment = {name: value for name, value in os.environ.items() if name != "JAX_COMPILATION_CACHE_DIR"}
+    environment = {name: value for name, value in os.environ.items() if name != COMPILE_CACHE_ENV}
     limited = _with_file_size_limit(command, 200_000)  # < a checkpoint
     failed = subprocess.run(limited, capture_output=True, text=True, env=environment)
     assert failed.returncode == EXIT_WRITE_FAILED, failed.stderr

@@ -119,7 +119,10 @@ class LinenModel:
 
     def initial_variables(self, key: jax.Array, sample: jax.Array) -> Collections:
         """The module's variables as ``init`` draws them from ``key`` on a batch like ``sample``."""
-        return self.module.init(self._init_rngs(key), sample, **self._train_kwargs(False))
+        return self._initialized(self._init_rngs(key), sample)
+
+    def _initialized(self, rngs: dict[str, jax.Array], sample: jax.Array) -> Collections:
+        return self.module.init(rngs, sample, **self._train_kwargs(False))
 
     def _init_rngs(self, key: jax.Array) -> dict[str, jax.Array]:
         # A dropout key too, for models whose dropout is on at init; "params" is drawn from ``key`` alone.
@@ -131,7 +134,7 @@ class LinenModel:
         """The model with its sown collections known, its parameters and its carried collections (those of
         ``variables`` when given: what ``initial_variables`` gave, e.g. from a compiled call)."""
         rngs = self._init_rngs(key)
-        variables = self.initial_variables(key, sample) if variables is None else variables
+        variables = self._initialized(rngs, sample) if variables is None else variables
         others = {name: value for name, value in variables.items() if name != "params"}
 
         def train_apply(variables):

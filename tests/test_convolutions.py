@@ -18,7 +18,7 @@ from jaxmnist.config import TrainConfig
 from jaxmnist.loop import fit
 from jaxmnist.plan import RunPlan
 from jaxmnist.programs import Programs
-from jaxmnist.train import create_train_state, train_epoch
+from jaxmnist.train import create_train_state, gather_batch, train_epoch, train_step
 from jaxmnist.train.convolutions import COMPILER_OPTIONS, canonical_convolutions
 
 from conftest import make_digits
@@ -149,6 +149,26 @@ def _compiled_convolutions(hlo: str) -> tuple[list[str], set[str]]:
     with_convolution = {name for name, body in computations.items() if "convolution(" in body}
     by_ynnpack = set(re.findall(r"calls=%?([\w.-]+)[^\n]*__ynn_fusion", hlo))
     return labels, with_convolution & by_ynnpack
+
+
+def test_the_rewrite_traces_a_step_once_and_leaves_a_program_without_convolutions_as_it_was():
+    traces = []
+
+    def step(params, images):
+        traces.append(None)  # a Python side effect: once per trace
+        return jax.value_and_grad(lambda p: jnp.tanh(images @ p).sum())(params)
+
+    params, images = jnp.ones((4, 3)), jnp.ones((2, 4))
+    assert jax.jit(canonical_convolutions(step)).lower(params, images).as_text() == (
+        jax.jit(step).lower(params, images).as_text()
+    )
+    assert len(traces) == 2  # one for each program (the rewrite traced its function twice)
+    # The lesson's own step: the same program as its undecorated function's.
+    state = create_train_state(jax.random.key(0))
+    batch = gather_batch(jnp.zeros((64, 28, 28), jnp.uint8), jnp.arange(64) % 10, jnp.arange(64), jnp.ones(64, bool),
+                         jnp.float32)  # fmt: skip
+    undecorated = train_step.__wrapped__.__wrapped__
+    assert train_step.lower(state, batch).as_text() == jax.jit(undecorated).lower(state, batch).as_text()
 
 
 @pytest.mark.slow

@@ -116,9 +116,10 @@ def canonical_convolutions(function: _Function) -> _Function:
     """``function`` with every convolution it computes, gradients included, in XLA:CPU's fast layout.
 
     The result is the same function: each convolution that is not canonical is computed as transposes
-    around a canonical one, exactly as XLA:CPU computes it in a program's entry computation; a function
-    without such a convolution is called unchanged. Convolutions inside a loop or branch of the function
-    itself (``lax.scan`` inside a model) are left as they are.
+    around a canonical one, exactly as XLA:CPU computes it in a program's entry computation; every other
+    equation is bound as traced, so a function without such a convolution gives the very program it gives
+    alone. ``function`` is traced once a call. Convolutions inside a loop or branch of the function itself
+    (``lax.scan`` inside a model) are left as they are.
 
     Args:
         function: any function of arrays (pytrees of them), e.g. a training step that takes gradients.
@@ -141,8 +142,8 @@ def canonical_convolutions(function: _Function) -> _Function:
         closed, out_shapes = jax.make_jaxpr(lambda args, kwargs: function(*args, **kwargs), return_shape=True)(
             args, kwargs
         )
-        if not _needs_rewrite(closed.jaxpr):
-            return function(*args, **kwargs)
+        # The traced equations themselves, not a second call of ``function``: tracing a training step is a
+        # good part of a program's start-up, and its equations bound again make the same program.
         outputs = _evaluate(closed.jaxpr, closed.consts, *jax.tree.leaves((args, kwargs)))
         return jax.tree.unflatten(jax.tree.structure(out_shapes), outputs)
 

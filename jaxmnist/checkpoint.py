@@ -145,7 +145,8 @@ def read_checkpoint(path: PathArg) -> tuple[TrainConfig, dict[str, Any]]:
 
 
 def tree_difference(saved: Any, template: Any) -> str | None:
-    """The first difference between two state dicts' names and shapes, in words; None when they agree.
+    """How two state dicts differ, in words: the first name only one of them has, else every shape that
+    differs; None when their names and shapes agree.
 
     Example:
         >>> tree_difference({"Dense_0": {"kernel": np.zeros((2, 3))}}, {"Conv_0": {"kernel": np.zeros((2, 3))}})
@@ -158,10 +159,12 @@ def tree_difference(saved: Any, template: Any) -> str | None:
         return f"{name} is in the file, not in this run (which has {others})"
     for name in sorted(template_leaves.keys() - saved_leaves.keys()):
         return f"this run has {name}, the file does not"
-    for name, leaf in template_leaves.items():
-        if np.shape(saved_leaves[name]) != np.shape(leaf):
-            return f"{name} is {np.shape(saved_leaves[name])} in the file, {np.shape(leaf)} in this run"
-    return None
+    reshaped = [
+        f"{name} is {np.shape(saved_leaves[name])} in the file, {np.shape(leaf)} in this run"
+        for name, leaf in sorted(template_leaves.items())
+        if np.shape(saved_leaves[name]) != np.shape(leaf)
+    ]
+    return "; ".join(reshaped) or None
 
 
 def restore_progress(path: PathArg, config: TrainConfig | RunPlan, template: TrainState) -> Progress:

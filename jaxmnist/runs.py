@@ -13,7 +13,6 @@ import os
 from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,17 +23,9 @@ from jaxmnist.model_source import Model, ModelSource, from_object, load_model
 from jaxmnist.plan import GridRun, RunPlan, plan_of, run_keys
 from jaxmnist.recipe import build_model, build_optimizer
 from jaxmnist.train import ModelCallError, TrainState, create_train_state, param_dtype
-from jaxmnist.train.adapters import LinenModel
-from jaxmnist.train.state import LossFn, linen_sample
+from jaxmnist.train.state import NEEDS_VALUES, LossFn
 from jaxmnist.train.steps import saved_for_backward
 
-# What tracing raises for a model whose initialization needs concrete values: such a model is initialized
-# eagerly, one run at a time.
-_NEEDS_VALUES = (
-    jax.errors.ConcretizationTypeError,
-    jax.errors.TracerArrayConversionError,
-    jax.errors.TracerIntegerConversionError,
-)
 # The held-out images' key, one for every seed: the one seed 0 drew when it came from the seed (format
 # version 2 checkpoints), apart from the init and data keys (which stay split(key(seed))).
 _VALIDATION_SALT = 0x76616C  # "val"
@@ -221,7 +212,7 @@ def initial_shapes(run: Run) -> TrainState:
     alone; its errors (a grid too large for memory, a model that cannot be initialized) as its own."""
     try:
         return jax.eval_shape(lambda: initial_state(run))
-    except _NEEDS_VALUES:  # a model whose initialization needs values cannot be traced: from the state itself
+    except NEEDS_VALUES:  # a model whose initialization needs values cannot be traced: from the state itself
         return jax.eval_shape(lambda state: state, initial_state(run))
 
 
@@ -239,46 +230,8 @@ def _creation(run: Run, grid_run: GridRun) -> Callable[[jax.Array], TrainState]:
 
 
 def _state_of(run: Run, grid_run: GridRun) -> TrainState:
-    """One run's initial state: ``create_train_state`` of its model, loss and row's optimizer from its init
-    key, a linen model's variables drawn by one compiled call (a model whose initialization needs values,
-    or that cannot be a static argument, is initialized eagerly)."""
-    create = _creation(run, grid_run)
-    key, module = run_keys(grid_run.seed)[0], create.keywords["model"]
-    if isinstance(module, nn.Module) and _hashable(module):
-        try:
-            return create(key, variables=_initial_variables(module, key, create.keywords["input_shape"]))
-        except _NEEDS_VALUES:
-            pass
-    return create(key)
-
-
-def _hashable(module: nn.Module) -> bool:
-    try:
-        hash(module)
-    except TypeError:  # e.g. a list among its fields
-        return False
-    return True
-
-
-def _initialize(module: nn.Module, key: jax.Array, input_shape: tuple[int, ...]) -> dict:
-    return LinenModel.wrap(module).initial_variables(key, linen_sample(module, input_shape))
-
-
-# A linen model's initialization, compiled once per model and image shape (eagerly, each initializer
-# operation compiles on its first use: most of a short command's start-up) and the same program for every
-# seed and grid row. On a CPU, LLVM's O1 halves its compile time, with the numbers of eager initialization
-# (tested: uniform, truncated normal); O0 changes them.
-_COMPILED_INITIALIZATIONS = {
-    platform: jax.jit(_initialize, static_argnames=("module", "input_shape"), compiler_options=options)
-    for platform, options in (("cpu", {"xla_backend_optimization_level": 1}), ("other", None))
-}
-
-
-def _initial_variables(module: nn.Module, key: jax.Array, input_shape: tuple[int, ...]) -> dict:
-    # Traced inside another function (``initial_shapes``), it is compiled as a part of that, if ever.
-    top_level_cpu = jax.default_backend() == "cpu" and not isinstance(key, jax.core.Tracer)
-    platform = "cpu" if top_level_cpu else "other"
-    return _COMPILED_INITIALIZATIONS[platform](module, key, input_shape=input_shape)
+    """One run's initial state: ``create_train_state`` of its model, loss and row's optimizer from its init key."""
+    return _creation(run, grid_run)(run_keys(grid_run.seed)[0])
 
 
 def _stacked(states: list[TrainState]) -> TrainState:
@@ -299,7 +252,7 @@ def _model_errors(run: Run) -> Iterator[None]:
     """The model's or the loss's own errors while a state is created, as one-line ``RunError``s."""
     try:
         yield
-    except (RunError, *_NEEDS_VALUES):  # ours, and the sign to initialize eagerly
+    except (RunError, *NEEDS_VALUES):  # ours, and the sign to initialize eagerly
         raise
     except (ModelCallError, TypeError) as error:  # a __call__ or a loss that cannot be called as asked
         raise RunError(str(error)) from error
@@ -349,7 +302,7 @@ def _kept_for_backward_bytes(state: TrainState, images: jax.Array | jax.ShapeDty
     }
     try:
         return _bytes(jax.eval_shape(saved_for_backward, state, batch))
-    except _NEEDS_VALUES:
+    except NEEDS_VALUES:
         return 0
 
 

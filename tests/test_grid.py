@@ -32,7 +32,8 @@ from jaxmnist.predict import predict_probabilities
 from jaxmnist.programs import Programs
 from jaxmnist.runs import RunError, build_run, estimated_bytes, initial_state
 from jaxmnist.sweeps import best_configuration, final_results, summarize
-from jaxmnist.train import create_train_state, evaluate
+from jaxmnist.train import LinenModel, create_train_state, evaluate
+from jaxmnist.train.state import linen_sample
 
 from conftest import kept, make_digits, template_state, tensorboard_events, train_exit_code
 
@@ -710,16 +711,27 @@ def test_seeds_of_a_model_with_scaled_normal_draws_start_as_each_seed_alone_to_t
         chex.assert_trees_all_equal(jax.tree.map(lambda leaf, row=row: leaf[row], stacked.params), alone.params)
 
 
+def test_create_train_state_starts_a_model_with_scaled_normal_draws_as_the_tool_does():
+    """``create_train_state`` and the tool initialize by the same compiled program: a model trained by hand
+    from it starts where ``fit`` starts, to the bit (eagerly, such draws may differ by an ulp)."""
+    run = build_run(TrainConfig(seed=1), (28, 28), 640, model=_ScaledNormal())
+    key = run_keys(1)[0]
+    by_hand = create_train_state(key, run.model.build(key), run.optimizer, loss=run.loss)
+    chex.assert_trees_all_equal(by_hand.params, initial_state(run).params)
+
+
 @pytest.mark.parametrize("model, dtype", [(None, "float32"), (None, "float64"), (_FlaxInitializers(), "float32")])
 def test_a_single_run_starts_from_its_eager_initialization_to_the_bit(model, dtype):
-    """One run's initialization is one compiled call: the numbers of ``create_train_state`` called eagerly
-    (the lesson's MLP: PyTorch's uniform draws; flax's initializers: a truncated normal)."""
+    """One run's initialization is one compiled call: the numbers of ``model.init`` called eagerly (the
+    lesson's MLP: PyTorch's uniform draws; flax's initializers: a truncated normal)."""
     config = TrainConfig(seed=3, dtype=dtype, optimizer="adamw")
     with jax.enable_x64(dtype == "float64"):
         run = build_run(config, (28, 28), 640, model=model)
         compiled = initial_state(run)
         key = run_keys(config.seed)[0]
-        eager = create_train_state(key, run.model.build(key), run.optimizer, loss=run.loss, input_shape=(1, 28, 28))
+        module = run.model.build(key)
+        drawn = LinenModel.wrap(module).initial_variables(key, linen_sample(module, (1, 28, 28)))  # eagerly
+        eager = create_train_state(key, module, run.optimizer, loss=run.loss, variables=drawn)
     chex.assert_trees_all_equal(
         (compiled.params, compiled.opt_state, compiled.key), (eager.params, eager.opt_state, eager.key)
     )

@@ -35,7 +35,7 @@ from jaxmnist.sweeps import best_configuration, final_results, summarize
 from jaxmnist.train import LinenModel, create_train_state, evaluate
 from jaxmnist.train.state import linen_sample
 
-from conftest import kept, make_digits, template_state, tensorboard_events, train_exit_code
+from conftest import kept, make_digits, template_state, tensorboard_events, train_exit_code, with_xla_flags
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +152,7 @@ def test_a_per_run_dropout_rate_rounds_as_the_constant_rate_alone_over_several_d
             print(int((outputs[run] != output).sum()), int((gradients[run] != gradient).sum()))
         """
     )
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = with_xla_flags("--xla_force_host_platform_device_count=2")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["0"] * 8  # outputs and gradients of every run equal to the bit
@@ -559,7 +559,7 @@ def test_runs_that_do_not_divide_over_the_devices_are_refused_before_the_header(
         [sys.executable, "-m", "jaxmnist.train", "--lr", "0.01,0.001,0.003", "--devices", "2", "--data-dir",
          str(tiny_mnist_dir), "--no-verify", "--no-compile-cache"],
         capture_output=True, text=True, timeout=300,
-        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+        env=with_xla_flags("--xla_force_host_platform_device_count=2"),
     )  # fmt: skip
     assert result.returncode == 2
     assert result.stdout == ""
@@ -587,7 +587,7 @@ def test_the_command_spreads_a_grid_over_one_cpu_device_per_core_with_the_one_de
     result = subprocess.run(
         [sys.executable, "-m", "jaxmnist.train", *flags, "--data-dir", str(small_mnist_dir), "--no-verify",
          "--no-compile-cache", "--metrics-out", str(metrics)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "XLA_FLAGS": ""},
+        capture_output=True, text=True, timeout=300, env=with_xla_flags(),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     devices = runs_devices(4, os.cpu_count() or 1)
@@ -609,7 +609,7 @@ def test_one_run_on_each_device_trains_by_the_single_run_s_program_to_the_bit(sm
     result = subprocess.run(
         [sys.executable, "-m", "jaxmnist.train", *flags, "--devices", "2", "--data-dir", str(small_mnist_dir),
          "--no-verify", "--no-compile-cache", "--metrics-out", str(metrics)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "XLA_FLAGS": ""},
+        capture_output=True, text=True, timeout=300, env=with_xla_flags(),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "on 2 cpu (cpu) devices, 1 whole run on each" in result.stdout

@@ -25,7 +25,7 @@ from jaxmnist.model import MLP
 from jaxmnist.normalization import normalize
 from jaxmnist.train import create_train_state, evaluate, train_epoch, train_step
 
-from conftest import make_digits
+from conftest import make_digits, with_xla_flags
 
 STEPS = 6
 
@@ -258,7 +258,7 @@ def test_batchnorm_on_4_devices_is_exact_or_refused_when_the_batch_does_not_divi
         from jaxmnist.loop import fit
         from jaxmnist.parallel import make_mesh
         from jaxmnist.runs import RunError
-        from conftest import make_digits
+        from conftest import make_digits, with_xla_flags
 
         class Normed(nn.Module):
             @nn.compact
@@ -279,8 +279,7 @@ def test_batchnorm_on_4_devices_is_exact_or_refused_when_the_batch_does_not_divi
             print("refused:", error)
         """
     )
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-           "PYTHONPATH": os.path.dirname(__file__)}  # fmt: skip
+    env = {**with_xla_flags("--xla_force_host_platform_device_count=4"), "PYTHONPATH": os.path.dirname(__file__)}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
     assert "refused: `batch_size`=30 does not divide over `num_devices`=4" in result.stdout

@@ -4,7 +4,6 @@ keeps one device), against the single-device run."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import subprocess
@@ -18,14 +17,16 @@ import pytest
 from jaxmnist.parallel import DeviceError, make_mesh, padded_batch_width
 from jaxmnist.train import epoch_batch_indices
 
+from conftest import with_xla_flags
+
 pytestmark = pytest.mark.slow  # 8 simulated devices and two processes, in subprocesses
 
-EIGHT_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+EIGHT_DEVICES = "--xla_force_host_platform_device_count=8"
 
 
-def _python(args: list[str], env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+def _python(args: list[str], *xla_flags: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+        [sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=with_xla_flags(*xla_flags)
     )
 
 

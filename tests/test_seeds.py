@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -22,7 +21,7 @@ from jaxmnist.config import TrainConfig
 from jaxmnist.loop import DivergenceError, fit
 from jaxmnist.predict import predict_probabilities
 
-from conftest import kept, make_digits, template_state, train_exit_code
+from conftest import kept, make_digits, template_state, train_exit_code, with_xla_flags
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +126,7 @@ def test_seeds_spread_over_two_devices_give_the_one_device_losses(tmp_path: Path
         print(json.dumps(runs))
         """
     )
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = with_xla_flags("--xla_force_host_platform_device_count=2")
     result = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], capture_output=True, text=True,
                             env=env, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr

@@ -235,3 +235,29 @@ def test_chunks_of_steps_reproduce_the_whole_epoch(digits):
         losses.append(metrics["loss"])
     np.testing.assert_allclose(np.concatenate(losses), whole["loss"], rtol=1e-6)
     chex.assert_trees_all_close(state.params, whole_state.params, rtol=1e-6, atol=1e-7)
+
+
+class _SmallCNN(nn.Module):
+    @nn.compact
+    def __call__(self, images):
+        x = nn.relu(nn.Conv(8, (3, 3))(images.reshape((images.shape[0], 28, 28, 1))))
+        x = nn.max_pool(x, (2, 2), (2, 2)).reshape((images.shape[0], -1))
+        return nn.Dense(10)(x)
+
+
+@pytest.mark.parametrize("model", [None, _SmallCNN()], ids=["mlp", "cnn"])
+def test_the_suite_s_compile_setting_gives_the_numbers_of_the_programs_users_run(digits, model):
+    """The suite compiles with XLA:CPU's loop emitters (conftest.SUITE_XLA_FLAG); an epoch compiled with the
+    fusion emitters, as a user's process compiles it, gives the same numbers to the bit."""
+    from jaxmnist.train.convolutions import COMPILER_OPTIONS
+
+    options = {} if model is None else {"model": model, "input_shape": (1, 28, 28, 1)}
+    state = create_train_state(jax.random.key(0), **options)
+    lowered = train_epoch.lower(state, *digits, jax.random.key(1), batch_size=32)
+    default_options = {} if model is None else COMPILER_OPTIONS
+    results = [
+        lowered.compile(compiler_options={**default_options, **extra})(jax.tree.map(jnp.copy, state), *digits,
+                                                                       jax.random.key(1))
+        for extra in ({}, {"xla_cpu_use_fusion_emitters": True})
+    ]  # fmt: skip
+    chex.assert_trees_all_equal(*results)

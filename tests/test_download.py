@@ -37,7 +37,8 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
             return
         body = self.server.files[name]
         if behaviour == "stalled":
-            self.server.released.wait()  # answers only when the test ends: any client timeout fires first
+            self.server.released.wait()  # until the test ends: any client timeout fires first
+            return  # and the client is gone (an answer would meet a broken pipe, printed by the server)
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()

@@ -692,7 +692,7 @@ def test_seeds_of_a_model_with_flax_initializers_start_as_each_seed_alone():
 
 class _ScaledNormal(nn.Module):
     """Untruncated normal draws scaled by a standard deviation, which XLA folds into the draw when compiled:
-    one ulp from eager ``model.init`` in places."""
+    an ulp or two from eager ``model.init`` in places."""
 
     @nn.compact
     def __call__(self, images, train: bool = False):
@@ -713,7 +713,7 @@ def test_seeds_of_a_model_with_scaled_normal_draws_start_as_each_seed_alone_to_t
 
 def test_create_train_state_starts_a_model_with_scaled_normal_draws_as_the_tool_does():
     """``create_train_state`` and the tool initialize by the same compiled program: a model trained by hand
-    from it starts where ``fit`` starts, to the bit (eagerly, such draws may differ by an ulp)."""
+    from it starts where ``fit`` starts, to the bit (eagerly, such draws may differ by an ulp or two)."""
     run = build_run(TrainConfig(seed=1), (28, 28), 640, model=_ScaledNormal())
     key = run_keys(1)[0]
     by_hand = create_train_state(key, run.model.build(key), run.optimizer, loss=run.loss)

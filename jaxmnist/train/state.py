@@ -171,7 +171,7 @@ def create_train_state(
         rng: PRNG key. A linen model's variables are drawn from it by ``model.init(rng, ...)`` compiled as
             one call (once per model and ``input_shape``; eagerly for a model whose initialization needs
             values): eager ``model.init``'s numbers for uniform and truncated normal initializers, within
-            an ulp for scaled normal ones (XLA folds the scale into the draw); the state's key for
+            a few ulp for scaled normal ones (XLA folds the scale into the draw); the state's key for
             stochastic layers is ``fold_in(rng, 2)``.
         model: a ``flax.linen.Module`` (initialized here, with ``train=False`` if its ``__call__`` takes
             ``train``) or an ``nnx.Module`` instance (already initialized; its state is split off here).

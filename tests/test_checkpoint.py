@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from flax import serialization
 
+import jaxmnist
 from jaxmnist import checkpoint, files
 from jaxmnist.checkpoint import (
     CheckpointError,
@@ -29,7 +30,7 @@ from jaxmnist.checkpoint import (
 from jaxmnist.commands.train import main
 from jaxmnist.config import TrainConfig
 from jaxmnist.data import write_mnist
-from jaxmnist.loop import DivergenceError, fit
+from jaxmnist.loop import fit
 
 from conftest import kept, make_digits, template_state, train_exit_code, wait_for
 
@@ -162,7 +163,7 @@ def test_a_folder_without_checkpoints_has_nothing_to_resume_and_loses_its_stray_
 def test_divergence_stops_naming_epoch_and_step_before_yielding_it(small_data):
     config = TrainConfig(epochs=2, batch_size=32, learning_rate=1e4)
     seen = []
-    with pytest.raises(DivergenceError) as error:
+    with pytest.raises(jaxmnist.DivergenceError) as error:  # by the name a caller catches
         for progress in fit(config, *small_data, steps_per_call=1):
             seen.extend(kept([progress]))  # fit donates each state to its next call
     assert error.value.epoch == 1 and error.value.step == len(seen) + 1

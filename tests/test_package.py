@@ -49,3 +49,39 @@ def test_no_export_shares_its_name_with_a_submodule():
     # Importing a submodule sets the package attribute of its name, which would hide the export.
     clashes = [name for name in jaxmnist.__all__ if importlib.util.find_spec(f"jaxmnist.{name}") is not None]
     assert not clashes
+
+
+def test_the_errors_a_caller_catches_are_exported_and_catch_real_failures(tmp_path):
+    # Each top-level name must be the class the library raises, not one that would catch nothing.
+    import flax.linen as nn
+    import jax
+    import numpy as np
+
+    from jaxmnist.checkpoint import load_params
+    from jaxmnist.data import load_mnist
+    from jaxmnist.model_source import load_model
+
+    class NeedsAMask(nn.Module):
+        @nn.compact
+        def __call__(self, images, mask):
+            return nn.Dense(10)(images.reshape(len(images), -1))
+
+    float_images = (np.zeros((8, 28, 28), np.float32), np.zeros(8, np.int32))
+    (tmp_path / "garbage.msgpack").write_bytes(b"not a checkpoint")
+    failures = {
+        "SettingsError": lambda: jaxmnist.TrainConfig(optimizer="sgd", momentum=0.9),
+        "DataError": lambda: load_mnist("train", tmp_path, download=False),
+        "ModelSpecError": lambda: load_model(f"{tmp_path / 'absent.py'}:Net"),
+        "CheckpointError": lambda: load_params(tmp_path / "garbage.msgpack"),
+        "ModelCallError": lambda: jaxmnist.create_train_state(jax.random.key(0), NeedsAMask()),
+        "RunError": lambda: next(jaxmnist.fit(jaxmnist.TrainConfig(), float_images, float_images)),
+    }
+    for name, fail in failures.items():
+        assert name in jaxmnist.__all__
+        try:
+            fail()
+        except getattr(jaxmnist, name) as caught:
+            assert str(caught), name
+        else:
+            raise AssertionError(f"{name}: nothing raised")
+    assert "DivergenceError" in jaxmnist.__all__  # raised after steps: test_checkpoint catches it by that name

@@ -151,7 +151,7 @@ class TrainConfig:
     loop: Literal["scan", "step"] = setting(
         "scan",
         "scan: one compiled call per epoch (default); step: one compiled call per batch, the same numbers "
-        "within rounding (float64: ~1e-11, the lesson's MLP to the bit; float32: rounding that training amplifies)",
+        "within rounding (float64: ~1e-11, on some CPUs to the bit; float32: rounding that training amplifies)",
         flag="--loop",
         kind="choice",
         choices=("scan", "step"),

@@ -208,3 +208,28 @@ def test_loss_plots_are_written_as_the_named_format(tmp_path: Path):
                for epoch in (1, 2) for seed in (0, 1)]  # fmt: skip
     plot_loss_band(history, tmp_path / "band.svg")
     assert (tmp_path / "band.svg").read_text().lstrip().startswith("<?xml")
+
+
+@pytest.mark.parametrize("runs", ["one run", "seeds", "grid"])
+def test_an_epoch_resumed_inside_says_its_seconds_count_from_the_resume(runs):
+    from jaxmnist.commands.reporting import band_lines, epoch_lines, grid_lines
+    from jaxmnist.loop import EpochResult
+
+    config = {"one run": TrainConfig(), "seeds": TrainConfig(seeds=2), "grid": TrainConfig(learning_rate=(0.1, 0.2))}
+    config = config[runs]
+    swept = [{"learning_rate": 0.1}, {"learning_rate": 0.2}] if runs == "grid" else [{}, {}]
+    count = 1 if runs == "one run" else 2
+    lines = {
+        "one run": lambda results: epoch_lines(results[0], config, None),
+        "seeds": lambda results: band_lines(results, config),
+        "grid": lambda results: grid_lines(results, config),
+    }[runs]
+    for resumed_at_step, shown in [(300, "0.50 s since the resume at step 300 (20,000 images/s)"), (None, "0.50 s (")]:
+        results = tuple(
+            EpochResult(
+                2, 0.5, 0.8, 0.4, 0.9, 0.5, 0.0, 2e4, seed=seed, swept=swept[seed], resumed_at_step=resumed_at_step
+            )
+            for seed in range(count)
+        )
+        assert shown in lines(results)
+    assert "resume" not in lines(results)

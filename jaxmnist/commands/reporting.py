@@ -36,13 +36,17 @@ def epoch_lines(result: EpochResult, config: TrainConfig, previous: EpochResult 
     previous_rate = config.learning_rate if previous is None else previous.learning_rate
     if result.learning_rate is not None and (config.schedule != "constant" or result.learning_rate != previous_rate):
         rate += f"lr {result.learning_rate:.6g}, "
-    resumed = "" if result.resumed_at_step is None else f" since the resume at step {result.resumed_at_step}"
     return (
         f"{compiled}Training loss: {result.train_loss}\n"
         f"  epoch {result.epoch}/{config.epochs}: test loss {result.test_loss:.4f}, "
-        f"test accuracy {result.test_accuracy:.4f}, {validation}{rate}{result.seconds:.2f} s{resumed} "
-        f"({result.samples_per_second:,.0f} images/s)"
+        f"test accuracy {result.test_accuracy:.4f}, {validation}{rate}{_speed(result)}"
     )
+
+
+def _speed(result: EpochResult) -> str:
+    """The epoch's seconds and images per second, which count from the resume in an epoch resumed inside."""
+    resumed = "" if result.resumed_at_step is None else f" since the resume at step {result.resumed_at_step}"
+    return f"{result.seconds:.2f} s{resumed} ({result.samples_per_second:,.0f} images/s)"
 
 
 def _band(values: list[float]) -> str:
@@ -63,8 +67,7 @@ def band_lines(results: tuple[EpochResult, ...], config: TrainConfig) -> str:
     return (
         f"{compiled}Training loss: {_band(column['train_loss'])} (mean ± std [min, max] of {len(results)} seeds)\n"
         f"  epoch {first.epoch}/{config.epochs}: test loss {_band(column['test_loss'])}, "
-        f"test accuracy {_band(column['test_accuracy'])}, {validation}{rate}{first.seconds:.2f} s "
-        f"({first.samples_per_second:,.0f} images/s)"
+        f"test accuracy {_band(column['test_accuracy'])}, {validation}{rate}{_speed(first)}"
     )
 
 
@@ -87,8 +90,8 @@ def grid_lines(results: tuple[EpochResult, ...], config: TrainConfig) -> str:
     # A schedule's rate is the grid's own (rates are not swept with a schedule): shown once, as for one run.
     rate = f", lr {first.learning_rate:.6g}" if config.schedule != "constant" and first.learning_rate else ""
     lines = [
-        f"{compiled}epoch {first.epoch}/{config.epochs}: {len(results)} runs{rate}, {first.seconds:.2f} s "
-        f"({first.samples_per_second:,.0f} images/s); {_over_seeds(config)}"
+        f"{compiled}epoch {first.epoch}/{config.epochs}: {len(results)} runs{rate}, {_speed(first)}; "
+        f"{_over_seeds(config)}"
     ]
     summaries = summarize(results)
     more = ""

@@ -62,7 +62,9 @@ class Restored:
 
 
 def config_differences(saved: TrainConfig, current: TrainConfig) -> list[tuple[str, Any, Any]]:
-    """The settings that differ and would change the mathematics: ``(field, saved, current)``."""
+    """The settings that differ and would change the mathematics: ``(field, saved, current)``, an
+    optimizer's default momentum or weight decay the same as its value given."""
+    saved, current = saved.with_optimizer_defaults(), current.with_optimizer_defaults()
     return [
         (field.name, getattr(saved, field.name), getattr(current, field.name))
         for field in dataclasses.fields(TrainConfig)
@@ -71,7 +73,10 @@ def config_differences(saved: TrainConfig, current: TrainConfig) -> list[tuple[s
 
 
 def _shown(value: Any) -> str:
-    """A setting's value in a message as its flag takes it: a grid's list as ``0.01,0.03``, a number as ``0``."""
+    """A setting's value in a message as its flag takes it: a grid's list as ``0.01,0.03``, a number as ``0``,
+    a setting not given as ``unset``."""
+    if value is None or value == "":
+        return "unset"
     if isinstance(value, tuple):
         return ",".join(map(value_text, value))
     return value_text(value) if isinstance(value, float) else str(value)

@@ -318,6 +318,21 @@ class TrainConfig:
                         f"to {largest:.6g}): it would train {outcome}"
                     )
 
+    def with_optimizer_defaults(self) -> TrainConfig:
+        """These settings with the momentum or weight decay their optimizer takes by default written out, so
+        that settings that train alike compare equal.
+
+        Example:
+            >>> TrainConfig(optimizer="momentum").with_optimizer_defaults().momentum
+            0.9
+        """
+        defaults = {}
+        if self.optimizer in ("momentum", "nesterov") and self.momentum is None:
+            defaults["momentum"] = DEFAULT_MOMENTUM
+        if self.optimizer == "adamw" and self.weight_decay is None:
+            defaults["weight_decay"] = DEFAULT_WEIGHT_DECAY
+        return dataclasses.replace(self, **defaults) if defaults else self
+
     def resumable_changes(self) -> frozenset[str]:
         """Settings a resumed run may change; the length of a scheduled run shapes its learning rates."""
         return RESUMABLE_CHANGES if self.schedule == "constant" else RESUMABLE_CHANGES - {"epochs"}

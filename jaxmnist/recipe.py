@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxmnist.arguments import parse_arguments
-from jaxmnist.config import DEFAULT_MOMENTUM, DEFAULT_WEIGHT_DECAY, SettingsError, TrainConfig, steps_per_epoch
+from jaxmnist.config import SettingsError, TrainConfig, steps_per_epoch
 from jaxmnist.model import ACTIVATIONS, MLP
 from jaxmnist.optimizers import build_optimizer_by_name
 from jaxmnist.schedules import build_schedule
@@ -66,10 +66,11 @@ def build_optimizer(
         0.003
     """
     hyperparameters = {"learning_rate": learning_rate_schedule(config, num_train_images)}
-    if config.optimizer in ("momentum", "nesterov"):
-        hyperparameters["momentum"] = DEFAULT_MOMENTUM if config.momentum is None else config.momentum
-    if config.optimizer == "adamw":
-        hyperparameters["weight_decay"] = DEFAULT_WEIGHT_DECAY if config.weight_decay is None else config.weight_decay
+    config = config.with_optimizer_defaults()
+    if config.momentum is not None:
+        hyperparameters["momentum"] = config.momentum
+    if config.weight_decay is not None:
+        hyperparameters["weight_decay"] = config.weight_decay
     arguments = parse_arguments(config.optimizer_args, "optimizer_args")
 
     def make(learning_rate, momentum=None, weight_decay=None) -> optax.GradientTransformation:

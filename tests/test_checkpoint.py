@@ -21,6 +21,7 @@ from jaxmnist import checkpoint, files
 from jaxmnist.checkpoint import (
     CheckpointError,
     checkpoint_paths,
+    config_differences,
     load_params,
     restore_progress,
     resume,
@@ -114,6 +115,24 @@ def test_resuming_with_another_configuration_is_refused_naming_the_setting(small
     with pytest.raises(CheckpointError, match=f"cannot resume, `{named}` is"):
         restore_progress(path, TrainConfig(**{**SMALL.__dict__, **change}), template_state(SMALL, 200))
     restore_progress(path, TrainConfig(**{**SMALL.__dict__, "epochs": 9, "loop": "step"}), template_state(SMALL, 200))
+
+
+def test_an_optimizer_s_default_momentum_or_weight_decay_resumes_as_the_same_value_given():
+    for optimizer, setting, default in [("momentum", "momentum", 0.9), ("nesterov", "momentum", 0.9),
+                                        ("adamw", "weight_decay", 1e-4)]:  # fmt: skip
+        defaulted = TrainConfig(optimizer=optimizer)
+        assert config_differences(defaulted, TrainConfig(optimizer=optimizer, **{setting: default})) == []
+        other = TrainConfig(optimizer=optimizer, **{setting: 0.5})
+        assert config_differences(defaulted, other) == [(setting, default, 0.5)]
+    named = [("optimizer", "sgd", "momentum"), ("momentum", None, 0.9)]  # sgd takes no momentum
+    assert config_differences(TrainConfig(), TrainConfig(optimizer="momentum")) == named
+
+
+def test_a_refused_resume_says_a_setting_not_given_is_unset(small_data, tmp_path):
+    path = save_checkpoint(tmp_path, SMALL, next(iter(fit(SMALL, *small_data))))
+    other = TrainConfig(**{**SMALL.__dict__, "optimizer_args": "nesterov=True"})
+    with pytest.raises(CheckpointError, match=r"`optimizer_args` is unset in the checkpoint but nesterov=True now$"):
+        restore_progress(path, other, template_state(SMALL, 200))
 
 
 @pytest.mark.parametrize("seed, refused", [(0, False), (3, True)])

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from functools import partial
 from pathlib import Path
 
 import chex
@@ -465,6 +466,24 @@ def test_predict_averages_a_configuration_s_seeds_or_takes_one(small_data):
         predict_probabilities(config, progress.state.params, images)
     with pytest.raises(ValueError, match=r"`learning_rate`=0.5 is not among the grid.s values"):
         predict_probabilities(config, progress.state.params, images, values={"learning_rate": 0.5})
+
+
+def test_predict_offers_only_values_whose_runs_trained_given_the_values_named():
+    from jaxmnist.predict import predict_probabilities
+
+    config = TrainConfig(optimizer="momentum", learning_rate=(0.003, 10.0), momentum=(0.5, 0.9))
+    runs = RunPlan.of(config).runs
+    diverged = [row for row, run in enumerate(runs) if run.values["learning_rate"] == 10.0]
+    diverged.append(
+        next(row for row, run in enumerate(runs) if run.values == {"learning_rate": 0.003, "momentum": 0.9})
+    )
+    choose = partial(predict_probabilities, config, None, None, diverged=diverged)  # refused before any parameter
+    with pytest.raises(ValueError, match=r"^every run with `learning_rate`=10 diverged in training"):
+        choose(values={"learning_rate": 10.0})
+    with pytest.raises(ValueError, match=r"give `momentum` \(one of 0.5\) to pick"):
+        choose(values={"learning_rate": 0.003})
+    with pytest.raises(ValueError, match=r"`learning_rate`=0.5 is not among the grid's values \(0.003\)$"):
+        choose(values={"learning_rate": 0.5, "momentum": 0.5})
 
 
 def test_the_command_prints_a_line_per_configuration_and_a_table_naming_the_best(small_mnist_dir: Path, tmp_path: Path,

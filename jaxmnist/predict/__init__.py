@@ -113,21 +113,26 @@ def _chosen_runs(runs: Sequence, swept: dict[str, tuple[float, ...]], values: di
     from jaxmnist.config import value_text
 
     trained = [run for index, run in enumerate(runs) if index not in diverged]
-    choices = {name: [value for value in options if any(run.values[name] == value for run in trained)]
-               for name, options in swept.items()}  # fmt: skip
+
+    def offered(name: str, among: Sequence) -> str:
+        """The values of ``name`` that runs of ``among`` trained with."""
+        return ", ".join(value_text(value) for value in swept[name] if any(run.values[name] == value for run in among))
 
     unknown = sorted(set(values) - set(swept))
     if unknown:
         listed = f"lists only {', '.join(f'`{name}`' for name in swept)}" if swept else "is not a grid"
         raise ValueError(f"`{unknown[0]}`={values[unknown[0]]}: the run {listed}")
-    missing = [name for name in swept if name not in values and len(swept[name]) > 1]
-    if missing:
-        give = " and ".join(f"`{name}` (one of {', '.join(map(value_text, choices[name]))})" for name in missing)
-        raise ValueError(f"these parameters are of a grid: give {give} to pick its runs")
     for name, value in values.items():
         if value not in swept[name]:
-            choices = ", ".join(map(value_text, swept[name]))
-            raise ValueError(f"`{name}`={value_text(value)} is not among the grid's values ({choices})")
+            raise ValueError(f"`{name}`={value_text(value)} is not among the grid's values ({offered(name, trained)})")
+    missing = [name for name in swept if name not in values and len(swept[name]) > 1]
+    if missing:
+        given = [run for run in trained if all(run.values[name] == value for name, value in values.items())]
+        if not given:
+            named = ", ".join(f"`{name}`={value_text(value)}" for name, value in values.items())
+            raise ValueError(f"every run with {named} diverged in training: their parameters predict nothing")
+        give = " and ".join(f"`{name}` (one of {offered(name, given)})" for name in missing)
+        raise ValueError(f"these parameters are of a grid: give {give} to pick its runs")
     chosen = [
         index for index, run in enumerate(runs) if all(run.values[name] == value for name, value in values.items())
     ]

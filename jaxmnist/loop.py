@@ -436,7 +436,7 @@ def fit(
                 diverged=diverged,
             )
             if progress.position == steps_per_epoch:
-                images_trained = min((steps_per_epoch - first_position) * config.batch_size, len(images))
+                images_trained = len(images) - first_position * config.batch_size  # the last batch is padded
                 evaluations = {name: programs.evaluate(state, *data) for name, data in evaluation_sets.items()}
                 with _measured_until_divergence(plan, progress, losses[:, :0], accuracies[:, :0]):
                     diverged = _note_evaluation_divergence(evaluations, progress.epoch, runs, progress.diverged)

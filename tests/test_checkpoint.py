@@ -72,6 +72,9 @@ def test_resuming_mid_epoch_gives_the_same_losses_and_bit_identical_params(small
         # An epoch taken up inside says where its seconds (this process's part of it) begin.
         first_finished = next(progress for progress in resumed if progress.epoch_done).result
         assert first_finished.resumed_at_step == (stopped.position if not stopped.epoch_done else None)
+        # ... and its images per second count the images it trained on, not the last batch's padding.
+        trained = 200 - (first_finished.resumed_at_step or 0) * SMALL.batch_size
+        assert first_finished.samples_per_second * first_finished.seconds == pytest.approx(trained)
         assert uninterrupted[2].result.resumed_at_step is None
 
 

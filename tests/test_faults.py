@@ -106,11 +106,18 @@ def test_what_tensorboard_logged_before_a_checkpoint_survives_the_kill_that_foll
     small_mnist_dir: Path, tmp_path: Path
 ):
     """Every batch loss up to the newest checkpoint's step is in the event files after a SIGKILL, and so is
-    every epoch's scalar: kills once a checkpoint has passed a random step, each run resuming the last."""
+    every epoch's scalar: kills as an epoch's line shows, then once a checkpoint has passed a random step,
+    each run resuming the last."""
     pytest.importorskip("tensorboardX", reason="pip install 'jaxmnist[tensorboard]'")
     folder, events = tmp_path / "ck", tmp_path / "tb"
     command = _command(small_mnist_dir, folder, tmp_path / "m.jsonl", "--tensorboard", str(events),
                        "--tensorboard-every", "1")  # fmt: skip
+    # Killed as epoch 1's line shows: the epoch's batch losses, scalars and metrics record are already on disk.
+    assert _kill_when(command, tmp_path / "run-line.log", lambda log: "epoch 1/3:" in log.read_text())
+    assert set(range(1, 76)) <= _logged_batch_steps(events)
+    assert any(value.tag == "epoch/train_loss" and event.step == 1
+               for event in tensorboard_events(events) for value in event.summary.value)  # fmt: skip
+    assert [epoch for epoch, _ in _losses(tmp_path / "m.jsonl")] == [1]
     targets = sorted(random.Random(34).sample(range(20, 3 * 75 - 40), 3))
     for index, step in enumerate(targets):
         assert _kill_when(command, tmp_path / f"run-{index}.log", lambda log, step=step: _newest_step(folder) >= step)

@@ -241,15 +241,25 @@ class Reporter:
         if self.tensorboard is not None:
             self.tensorboard.steps(progress, self._position if progress.epoch == self._epoch else 0)
         self._epoch, self._position = progress.epoch, progress.position
+        previous = self.history[-1] if self.history else None
         if progress.results:
             self._epoch_ended(progress)
         if self.tensorboard is not None:  # on disk as each call ends: a checkpoint after it keeps what was logged
             self.tensorboard.flush()
+        if progress.results:  # last: when an epoch's line shows, its records are on disk
+            self._epoch_lines(progress, previous)
 
     def _epoch_ended(self, progress: Progress) -> None:
-        """The epoch's lines, metrics record, best parameters and TensorBoard scalars."""
-        previous = self.history[-1] if self.history else None
+        """The epoch's metrics record, best parameters and TensorBoard scalars."""
         self.history = progress.history
+        self._write_metrics()
+        best = best_epoch(self.history)
+        if self.save_best is not None and best is progress.result:
+            write_output(self.save_best, saved_model_bytes(self.config, progress.state))
+        if self.tensorboard is not None:
+            self.tensorboard.epoch(progress.results)
+
+    def _epoch_lines(self, progress: Progress, previous: EpochResult | None) -> None:
         if progress.results[0].swept:
             self.bar.write(grid_lines(progress.results, self.config))
         elif len(progress.results) > 1:
@@ -257,12 +267,6 @@ class Reporter:
         else:
             self.bar.write(epoch_lines(progress.result, self.config, previous))
         sys.stdout.flush()
-        self._write_metrics()
-        best = best_epoch(self.history)
-        if self.save_best is not None and best is progress.result:
-            write_output(self.save_best, saved_model_bytes(self.config, progress.state))
-        if self.tensorboard is not None:
-            self.tensorboard.epoch(progress.results)
 
     def diverged(self, error: DivergenceError) -> None:
         """A single run that diverged: the epoch as measured before it, as the last ``--metrics-out`` record."""

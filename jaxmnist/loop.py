@@ -173,26 +173,37 @@ class DivergenceError(ArithmeticError):
         )
         self.epoch, self.step, self.loss, self.seed, self.values = epoch, step, loss, seed, values or {}
         self.measured = measured
-        # A single run's epoch as measured before the step that diverged (set by ``fit``), for its records.
-        self.partial: EpochResult | None = None
+        # Set by ``fit``: every run that diverged, as "where (loss)" by its row, and each run's epoch as
+        # measured before the step that stopped them (one result per run), for their records.
+        self.diverged_runs: dict[int, str] = {}
+        self.partial: tuple[EpochResult, ...] = ()
 
 
 @contextlib.contextmanager
-def _measured_until_divergence(plan: RunPlan, progress: Progress, losses: np.ndarray,
-                               accuracies: np.ndarray) -> Iterator[None]:  # fmt: skip
-    """A single run's ``DivergenceError`` raised inside gets ``partial``: the epoch as measured before the step
-    that diverged (its earlier steps and this call's ``losses`` and ``accuracies`` up to it)."""
+def _measured_until_divergence(plan: RunPlan, progress: Progress, losses: np.ndarray, accuracies: np.ndarray,
+                               max_loss: float) -> Iterator[None]:  # fmt: skip
+    """A ``DivergenceError`` raised inside gets ``partial``: each run's epoch as measured before its own first
+    diverged step (the earlier steps and this call's ``losses`` and ``accuracies``), or, for a run that did
+    not diverge, before the step that stopped the runs."""
     try:
         yield
     except DivergenceError as error:
-        if not plan.stacked:
-            kept = losses.shape[-1] if error.step is None else error.step - 1 - progress.position
-            step_losses = np.concatenate([np.ravel(progress.step_losses), np.ravel(losses)[:kept]])
-            step_accuracies = np.concatenate([np.ravel(progress.step_accuracies), np.ravel(accuracies)[:kept]])
-            mean = lambda values: float(np.mean(values, dtype=np.float64)) if len(values) else math.nan
-            error.partial = EpochResult(progress.epoch, mean(step_losses), mean(step_accuracies), math.nan, math.nan,
-                                        math.nan, 0.0, math.nan, seed=plan.config.seed,
-                                        diverged=f"{error.where} ({error.measured} {error.loss:.6g})")  # fmt: skip
+        runs = plan.runs
+        stopped = progress.position + (losses.shape[-1] if error.step is None else error.step - 1 - progress.position)
+        step_losses = np.concatenate([per_run(progress.step_losses, len(runs)), losses], axis=1)
+        step_accuracies = np.concatenate([per_run(progress.step_accuracies, len(runs)), accuracies], axis=1)
+        mean = lambda values: float(np.mean(values, dtype=np.float64)) if len(values) else math.nan
+        partial = []
+        for row, run in enumerate(runs):
+            until = stopped
+            if row in error.diverged_runs:
+                bad = ~(np.abs(step_losses[row]) <= max_loss)
+                until = int(np.argmax(bad)) if bad.any() else step_losses.shape[1]
+            partial.append(EpochResult(progress.epoch, mean(step_losses[row, :until]),
+                                       mean(step_accuracies[row, :until]), math.nan, math.nan, math.nan, 0.0,
+                                       math.nan, seed=run.seed, swept=dict(run.values),
+                                       diverged=error.diverged_runs.get(row)))  # fmt: skip
+        error.partial = tuple(partial)
         raise
 
 
@@ -260,14 +271,15 @@ def _recorded(errors: dict[int, DivergenceError], runs: Sequence[GridRun], diver
     if not errors:
         return diverged
     newly = sorted(errors)
-    if not runs[0].values:
-        raise errors[newly[0]]
-    if len(diverged) + len(newly) == len(runs):
-        first = errors[newly[0]]
+    where = {**diverged, **{row: f"{error.where} ({error.measured} {error.loss:.6g})" for row, error in errors.items()}}
+    if runs[0].values and len(where) < len(runs):
+        return where
+    first = errors[newly[0]]
+    if runs[0].values:
         others = [_run_text(run.values, run.seed) for row, run in enumerate(runs) if row != newly[0]]
-        raise DivergenceError(first.epoch, first.step, first.loss, first.seed, first.values, others, first.measured)
-    where = {row: f"{error.where} ({error.measured} {error.loss:.6g})" for row, error in errors.items()}
-    return {**diverged, **where}
+        first = DivergenceError(first.epoch, first.step, first.loss, first.seed, first.values, others, first.measured)
+    first.diverged_runs = where
+    raise first
 
 
 def _epoch_results(
@@ -413,7 +425,7 @@ def fit(
             losses = per_run(metrics["loss"], len(runs))
             seconds += time.perf_counter() - started
             accuracies = per_run(metrics["accuracy"], len(runs))
-            with _measured_until_divergence(plan, progress, losses, accuracies):
+            with _measured_until_divergence(plan, progress, losses, accuracies, max_loss):
                 diverged = _note_divergence(
                     losses, max_loss, progress.epoch, progress.position, runs, progress.diverged
                 )
@@ -438,7 +450,7 @@ def fit(
             if progress.position == steps_per_epoch:
                 images_trained = len(images) - first_position * config.batch_size  # the last batch is padded
                 evaluations = {name: programs.evaluate(state, *data) for name, data in evaluation_sets.items()}
-                with _measured_until_divergence(plan, progress, losses[:, :0], accuracies[:, :0]):
+                with _measured_until_divergence(plan, progress, losses[:, :0], accuracies[:, :0], max_loss):
                     diverged = _note_evaluation_divergence(evaluations, progress.epoch, runs, progress.diverged)
                 progress = dataclasses.replace(progress, diverged=diverged)
                 learning_rates = run.learning_rates()  # exact, rather than an injected float32 copy

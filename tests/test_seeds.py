@@ -18,6 +18,7 @@ from jaxmnist.checkpoint import restore_progress, save_checkpoint, save_params
 from jaxmnist.commands import predict
 from jaxmnist.commands.train import main
 from jaxmnist.config import TrainConfig
+from jaxmnist.data import write_mnist
 from jaxmnist.loop import DivergenceError, fit
 from jaxmnist.predict import predict_probabilities
 
@@ -85,6 +86,35 @@ def test_divergence_names_the_seed(small_data):
     with pytest.raises(DivergenceError, match=r"loss of seed \d became") as error:
         list(fit(TrainConfig(epochs=1, batch_size=32, seeds=2, learning_rate=1e4), *small_data))
     assert error.value.seed in (0, 1)
+
+
+@pytest.mark.parametrize("grid", [{"seeds": 3, "learning_rate": 3.0}, {"learning_rate": (1.0, 3.0, 10.0)}])
+def test_runs_that_stop_on_a_divergence_record_each_run_as_measured_before_it(grid, tmp_path):
+    """Each run's partial epoch is its run alone's, up to its own first diverged step."""
+    data = make_digits(200, seed=1), make_digits(50, seed=2)
+    config = TrainConfig(epochs=1, batch_size=4, **grid)
+    with pytest.raises(DivergenceError) as stopped:
+        list(fit(config, *data))
+    assert len(stopped.value.partial) == 3
+    for result in stopped.value.partial:
+        alone = TrainConfig(epochs=1, batch_size=4, seed=result.seed, **{**grid, "seeds": 1, **result.swept})
+        with pytest.raises(DivergenceError) as own:
+            list(fit(alone, *data))
+        (expected,) = own.value.partial
+        assert result.diverged == expected.diverged
+        assert (result.train_loss, result.train_accuracy) == pytest.approx(
+            (expected.train_loss, expected.train_accuracy), rel=1e-6
+        )
+    # The command writes them as the last --metrics-out records, one a run.
+    flags = ["--epochs", "1", "--batch-size", "4", "--metrics-out", str(tmp_path / "m.jsonl")]
+    flags += ["--seeds", "3", "--lr", "3"] if "seeds" in grid else ["--lr", "1,3,10"]
+    write_mnist(tmp_path / "mnist", "train", *data[0])
+    write_mnist(tmp_path / "mnist", "test", *data[1])
+    assert main(["--data-dir", str(tmp_path / "mnist"), "--no-verify", "--no-compile-cache", *flags]) == 1
+    records = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [(record["train_loss"], record["diverged"]) for record in records] == [
+        (result.train_loss, result.diverged) for result in stopped.value.partial
+    ]
 
 
 @pytest.mark.slow

@@ -269,9 +269,10 @@ class Reporter:
         sys.stdout.flush()
 
     def diverged(self, error: DivergenceError) -> None:
-        """A single run that diverged: the epoch as measured before it, as the last ``--metrics-out`` record."""
-        if error.partial is not None:
-            self.history = (*self.history, error.partial)
+        """Runs that stopped on a divergence: the epoch of each as measured before it, as the last
+        ``--metrics-out`` records."""
+        if error.partial:
+            self.history = (*self.history, *error.partial)
             self._write_metrics()
 
     def _write_metrics(self) -> None:

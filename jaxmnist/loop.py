@@ -266,17 +266,17 @@ def _divergence(runs: Sequence[GridRun], row: int, epoch: int, step: int | None,
 
 
 def _recorded(errors: dict[int, DivergenceError], runs: Sequence[GridRun], diverged: dict[int, str]) -> dict[int, str]:
-    """``diverged`` with the runs of ``errors`` added; raises the first error when a run that is not one of a
-    grid diverged, or when no run of the grid is left."""
+    """``diverged`` with the runs of ``errors`` added; raises the error of the earliest step (of the first
+    such run) when a run that is not one of a grid diverged, or when no run of the grid is left."""
     if not errors:
         return diverged
-    newly = sorted(errors)
     where = {**diverged, **{row: f"{error.where} ({error.measured} {error.loss:.6g})" for row, error in errors.items()}}
     if runs[0].values and len(where) < len(runs):
         return where
-    first = errors[newly[0]]
+    earliest = min(errors, key=lambda row: (errors[row].step or 0, row))  # step None: after the epoch, all alike
+    first = errors[earliest]
     if runs[0].values:
-        others = [_run_text(run.values, run.seed) for row, run in enumerate(runs) if row != newly[0]]
+        others = [_run_text(run.values, run.seed) for row, run in enumerate(runs) if row != earliest]
         first = DivergenceError(first.epoch, first.step, first.loss, first.seed, first.values, others, first.measured)
     first.diverged_runs = where
     raise first

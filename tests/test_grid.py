@@ -484,6 +484,15 @@ def test_predict_offers_only_values_whose_runs_trained_given_the_values_named():
         choose(values={"learning_rate": 0.003})
     with pytest.raises(ValueError, match=r"`learning_rate`=0.5 is not among the grid's values \(0.003\)$"):
         choose(values={"learning_rate": 0.5, "momentum": 0.5})
+    # A seed given narrows the choices to the runs of that seed.
+    seeds = TrainConfig(learning_rate=(0.01, 2.0), seeds=2)
+    diverged = [
+        row for row, run in enumerate(RunPlan.of(seeds).runs) if run.values["learning_rate"] == 2.0 and run.seed
+    ]
+    with pytest.raises(ValueError, match=r"give `learning_rate` \(one of 0.01\) to pick"):
+        predict_probabilities(seeds, None, None, seed=1, diverged=diverged)
+    with pytest.raises(ValueError, match=r"give `learning_rate` \(one of 0.01, 2\) to pick"):
+        predict_probabilities(seeds, None, None, seed=0, diverged=diverged)
 
 
 def test_the_command_prints_a_line_per_configuration_and_a_table_naming_the_best(small_mnist_dir: Path, tmp_path: Path,

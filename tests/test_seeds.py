@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -88,16 +89,21 @@ def test_divergence_names_the_seed(small_data):
     assert error.value.seed in (0, 1)
 
 
-@pytest.mark.parametrize("grid", [{"seeds": 3, "learning_rate": 3.0}, {"learning_rate": (1.0, 3.0, 10.0)}])
+@pytest.mark.parametrize("grid", [{"seeds": 3, "seed": 1, "learning_rate": 2.0}, {"learning_rate": (1.0, 3.0, 10.0)}])
 def test_runs_that_stop_on_a_divergence_record_each_run_as_measured_before_it(grid, tmp_path):
-    """Each run's partial epoch is its run alone's, up to its own first diverged step."""
+    """Each run's partial epoch is its run alone's, up to its own first diverged step; the error names the
+    run that diverged first (here not the first run)."""
     data = make_digits(200, seed=1), make_digits(50, seed=2)
     config = TrainConfig(epochs=1, batch_size=4, **grid)
     with pytest.raises(DivergenceError) as stopped:
         list(fit(config, *data))
     assert len(stopped.value.partial) == 3
+    steps = [int(re.search(r"step (\d+)", result.diverged).group(1)) for result in stopped.value.partial]
+    earliest = stopped.value.partial[steps.index(min(steps))]
+    assert steps.index(min(steps)) > 0  # the case the test is for
+    assert (stopped.value.step, stopped.value.seed, stopped.value.values) == (min(steps), earliest.seed, earliest.swept)
     for result in stopped.value.partial:
-        alone = TrainConfig(epochs=1, batch_size=4, seed=result.seed, **{**grid, "seeds": 1, **result.swept})
+        alone = TrainConfig(epochs=1, batch_size=4, **{**grid, "seeds": 1, "seed": result.seed, **result.swept})
         with pytest.raises(DivergenceError) as own:
             list(fit(alone, *data))
         (expected,) = own.value.partial
@@ -107,7 +113,7 @@ def test_runs_that_stop_on_a_divergence_record_each_run_as_measured_before_it(gr
         )
     # The command writes them as the last --metrics-out records, one a run.
     flags = ["--epochs", "1", "--batch-size", "4", "--metrics-out", str(tmp_path / "m.jsonl")]
-    flags += ["--seeds", "3", "--lr", "3"] if "seeds" in grid else ["--lr", "1,3,10"]
+    flags += ["--seeds", "3", "--seed", "1", "--lr", "2"] if "seeds" in grid else ["--lr", "1,3,10"]
     write_mnist(tmp_path / "mnist", "train", *data[0])
     write_mnist(tmp_path / "mnist", "test", *data[1])
     assert main(["--data-dir", str(tmp_path / "mnist"), "--no-verify", "--no-compile-cache", *flags]) == 1

@@ -127,10 +127,12 @@ def _chosen_runs(runs: Sequence, swept: dict[str, tuple[float, ...]], values: di
             raise ValueError(f"`{name}`={value_text(value)} is not among the grid's values ({offered(name, trained)})")
     missing = [name for name in swept if name not in values and len(swept[name]) > 1]
     if missing:
-        given = [run for run in trained if all(run.values[name] == value for name, value in values.items())]
+        named = {**values, **({"seed": seed} if any(run.seed == seed for run in runs) else {})}
+        given = [run for run in trained if all({**run.values, "seed": run.seed}[name] == value
+                                               for name, value in named.items())]  # fmt: skip
         if not given:
-            named = ", ".join(f"`{name}`={value_text(value)}" for name, value in values.items())
-            raise ValueError(f"every run with {named} diverged in training: their parameters predict nothing")
+            named_text = ", ".join(f"`{name}`={value_text(value)}" for name, value in named.items())
+            raise ValueError(f"every run with {named_text} diverged in training: their parameters predict nothing")
         give = " and ".join(f"`{name}` (one of {offered(name, given)})" for name in missing)
         raise ValueError(f"these parameters are of a grid: give {give} to pick its runs")
     chosen = [

@@ -189,15 +189,15 @@ def _measured_until_divergence(plan: RunPlan, progress: Progress, losses: np.nda
         yield
     except DivergenceError as error:
         runs = plan.runs
-        stopped = progress.position + (losses.shape[-1] if error.step is None else error.step - 1 - progress.position)
-        step_losses = np.concatenate([per_run(progress.step_losses, len(runs)), losses], axis=1)
-        step_accuracies = np.concatenate([per_run(progress.step_accuracies, len(runs)), accuracies], axis=1)
+        stopped = progress.position + losses.shape[-1] if error.step is None else error.step - 1
+        step_losses = per_run(_append_steps(progress.step_losses, losses, len(runs)), len(runs))
+        step_accuracies = per_run(_append_steps(progress.step_accuracies, accuracies, len(runs)), len(runs))
         mean = lambda values: float(np.mean(values, dtype=np.float64)) if len(values) else math.nan
         partial = []
         for row, run in enumerate(runs):
             until = stopped
             if row in error.diverged_runs:
-                bad = ~(np.abs(step_losses[row]) <= max_loss)
+                bad = _beyond(step_losses[row], max_loss)
                 until = int(np.argmax(bad)) if bad.any() else step_losses.shape[1]
             partial.append(EpochResult(progress.epoch, mean(step_losses[row, :until]),
                                        mean(step_accuracies[row, :until]), math.nan, math.nan, math.nan, 0.0,
@@ -230,6 +230,11 @@ def _append_steps(done: np.ndarray, new: jax.Array | np.ndarray, runs: int) -> n
     return np.concatenate([per_run(done, runs), per_run(new, runs)], axis=1).reshape(*done.shape[:-1], -1)
 
 
+def _beyond(losses: np.ndarray, max_loss: float) -> np.ndarray:
+    """Which of ``losses`` diverged: not finite or above ``max_loss``."""
+    return ~(np.abs(losses) <= max_loss)  # NaN compares False: it counts as diverged
+
+
 def _note_divergence(losses: np.ndarray, max_loss: float, epoch: int, position: int, runs: Sequence[GridRun],
                      diverged: dict[int, str]) -> dict[int, str]:  # fmt: skip
     """``diverged`` and the runs whose loss diverged in these steps (``losses``: one row per run).
@@ -237,7 +242,7 @@ def _note_divergence(losses: np.ndarray, max_loss: float, epoch: int, position: 
     A grid goes on without its diverged runs (the rest of a sweep is still worth having); a single run or
     seeds alone, or a grid with no run left, stop with ``DivergenceError`` naming the first diverged step.
     """
-    bad = ~(np.abs(losses) <= max_loss)  # NaN compares False: it counts as diverged
+    bad = _beyond(losses, max_loss)
     errors = {}
     for row in range(len(runs)):
         if row not in diverged and bad[row].any():

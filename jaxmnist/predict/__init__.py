@@ -125,22 +125,21 @@ def _chosen_runs(runs: Sequence, swept: dict[str, tuple[float, ...]], values: di
     for name, value in values.items():
         if value not in swept[name]:
             raise ValueError(f"`{name}`={value_text(value)} is not among the grid's values ({offered(name, trained)})")
+    chosen = [
+        index for index, run in enumerate(runs) if all(run.values[name] == value for name, value in values.items())
+    ]
+    seeds = sorted({runs[index].seed for index in chosen})
+    if seed in seeds:
+        chosen = [index for index in chosen if runs[index].seed == seed]
     missing = [name for name in swept if name not in values and len(swept[name]) > 1]
     if missing:
-        named = {**values, **({"seed": seed} if any(run.seed == seed for run in runs) else {})}
-        given = [run for run in trained if all({**run.values, "seed": run.seed}[name] == value
-                                               for name, value in named.items())]  # fmt: skip
+        given = [runs[index] for index in chosen if index not in diverged]
         if not given:
+            named = {**values, **({"seed": seed} if seed in seeds else {})}
             named_text = ", ".join(f"`{name}`={value_text(value)}" for name, value in named.items())
             raise ValueError(f"every run with {named_text} diverged in training: their parameters predict nothing")
         give = " and ".join(f"`{name}` (one of {offered(name, given)})" for name in missing)
         raise ValueError(f"these parameters are of a grid: give {give} to pick its runs")
-    chosen = [
-        index for index, run in enumerate(runs) if all(run.values[name] == value for name, value in values.items())
-    ]
-    if seed is not None:
-        seeds = sorted({runs[index].seed for index in chosen})
-        chosen = [index for index in chosen if runs[index].seed == seed]
-        if not chosen:
-            raise ValueError(f"`seed`={seed}: these parameters are of seeds {seeds[0]}..{seeds[-1]}")
+    if seed is not None and seed not in seeds:
+        raise ValueError(f"`seed`={seed}: these parameters are of seeds {seeds[0]}..{seeds[-1]}")
     return chosen

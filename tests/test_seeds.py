@@ -25,7 +25,7 @@ from jaxmnist.data import load_mnist
 from jaxmnist.loop import DivergenceError, fit
 from jaxmnist.predict import predict_probabilities
 
-from conftest import kept, make_digits, template_state, train_exit_code, with_xla_flags
+from conftest import kept, make_digits, template_state, tensorboard_events, train_exit_code, with_xla_flags
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +129,12 @@ def test_runs_that_stop_on_a_divergence_record_each_run_as_measured_before_it(gr
         flags += ["--seeds", "3", "--seed", str(grid.get("seed", 0)), "--lr", str(grid["learning_rate"])]
     else:
         flags += ["--lr", "1,3,10"]
+    pytest.importorskip("tensorboardX", reason="pip install 'jaxmnist[tensorboard]'")
+    flags += ["--tensorboard", str(tmp_path / "tb")]
     assert main(["--data-dir", str(tiny_mnist_dir), "--no-verify", "--no-compile-cache", *flags]) == 1
+    # The unfinished epoch is no final metric: nothing NaN reaches TensorBoard (its hparams, its scalars).
+    logged = [value.simple_value for event in tensorboard_events(tmp_path / "tb") for value in event.summary.value]
+    assert all(math.isfinite(value) for value in logged)
     records = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
     assert [(record["train_loss"], record["diverged"]) for record in records] == [
         (result.train_loss, result.diverged) for result in stopped.value.partial

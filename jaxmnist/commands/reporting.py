@@ -215,6 +215,7 @@ class Reporter:
         self.history: tuple[EpochResult, ...] = () if start is None else start.history
         self._epoch, self._position = (1, 0) if start is None else (start.epoch, start.position)
         self._diverged: dict[int, str] = {} if start is None else dict(start.diverged)
+        self._stopped: tuple[EpochResult, ...] = ()  # each run's epoch as measured before a divergence stopped them
         self._runs = plan.runs
         self.bar = tqdm(
             total=plan.config.epochs * steps_per_epoch,
@@ -271,19 +272,19 @@ class Reporter:
     def diverged(self, error: DivergenceError) -> None:
         """Runs that stopped on a divergence: the epoch of each as measured before it, as the last
         ``--metrics-out`` records."""
-        if error.partial:
-            self.history = (*self.history, *error.partial)
-            self._write_metrics()
+        self._stopped = error.partial
+        self._write_metrics()
 
     def _write_metrics(self) -> None:
         if self.metrics_out is not None:
-            lines = "".join(json.dumps(metrics_record(result)) + "\n" for result in self.history)
+            lines = "".join(json.dumps(metrics_record(result)) + "\n" for result in (*self.history, *self._stopped))
             write_output(self.metrics_out, lines.encode())
 
     def close(self) -> None:
         self.bar.close()
         if self.tensorboard is not None:
-            self.tensorboard.close(self.history)
+            # A run that diverged has no hparams; the unfinished epoch of one that did not is no final metric.
+            self.tensorboard.close((*self.history, *(result for result in self._stopped if result.diverged)))
 
     def draw_plot(self) -> None:
         """The loss curves of every finished epoch, resumed ones included, into ``plot``: one band per
